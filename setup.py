@@ -1,0 +1,36 @@
+"""Continuous-time diffusion in JAX/Flax: VDM, Imagen cascades and distillation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vdiff",
+    version="0.1.0",
+    description="VDM, Imagen and diffusion distillation in JAX/Flax NNX, sharded from one CPU to a TPU pod",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vdm*", "imagen*", "distill*", "launch*", "configs*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "ml-collections==1.1.0",
+        "numpy==2.4.6",
+        "scipy==1.17.1",
+        "scikit-learn==1.9.1",
+        "pillow==13.0.0",
+        "tensorboardX==2.6.5",
+        "safetensors==0.8.0",
+        "sentencepiece==0.2.3",
+        "absl-py==2.5.1",
+    ],
+    extras_require={"test": ["pytest==9.0.3"]},
+    entry_points={
+        "console_scripts": [
+            "vdiff-train=launch.train:run",
+            "vdiff-evaluate=launch.evaluate:run",
+            "vdiff-sample=launch.sample:run",
+        ],
+    },
+)
