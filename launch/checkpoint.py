@@ -1,0 +1,440 @@
+"""Checkpoints: orbax-checkpoint's CheckpointManager behind one small class.
+
+A step directory `<workdir>/checkpoints/<step>/` holds these items:
+
+  state/          the train state pytree (StandardSave: OCDBT/zarr, written shard by shard
+                  from every process; restored onto any mesh)
+  checksums/      one integer fingerprint per state leaf (see `_fingerprint`), checked
+                  after every restore
+  data_iterator/  a grain iterator's state, one JSON file per process (grain's handler), or
+  data_state/     any JSON value the trainer passes as data state
+  config/         the experiment config as JSON (`launch.config_flags.config_to_json`)
+
+Why the checksums: OCDBT checksums its b-tree nodes, but not the array chunks. Flipping a
+byte inside a chunk of a float array restores silently with a wrong value (measured on
+orbax 0.12.8 / tensorstore); a truncated or missing file does raise. The fingerprint is an
+exact integer sum over the array's bits, so it is independent of the mesh and of the order
+of the reduction, and a restored array equals the saved one iff (up to a 2^-32 chance)
+the fingerprints agree.
+
+Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to
+`<step>` only after every item is written (tests/test_checkpoint.py kills a process just
+before that rename). A crash mid-save therefore leaves no `<step>` directory, and the
+earlier steps are untouched; leftover tmp directories are deleted when the next
+Checkpointer opens the directory.
+
+How the trainer uses it (single- and multi-process alike; every process runs the same
+calls, as orbax saves collectively):
+
+    ckpt = Checkpointer(workdir, save_every=config.save_every, keep=config.keep)
+    ckpt.install_sigterm_handler()            # from the main thread, once
+    if ckpt.latest_step() is not None:
+      state, _ = ckpt.restore(abstract_state, data_iterator=train_iter)
+    for step in range(int(state["step"]) + 1, num_steps + 1):
+      state, metrics = train_step(state, next(train_iter))
+      ckpt.save(step, state, data_state=train_iter, config=config)  # no-op off-interval
+      if ckpt.preemption_requested(step):     # SIGTERM or JAX's preemption sync point
+        break                                 # save() above already wrote this step
+    ckpt.close()                              # waits for the last async save
+
+`save` writes when `should_save(step)`: every `save_every` steps, and at any step once
+preemption is requested. The async save returns after the arrays are copied off the
+device, so donating the state buffers to the next train step is safe.
+"""
+
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+from etils import epath
+import grain
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from launch import config_flags
+
+_STATE, _CHECKSUMS, _CONFIG = "state", "checksums", "config"
+_DATA_ITERATOR, _DATA_STATE = "data_iterator", "data_state"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored (corrupt, truncated, missing, mismatched)."""
+
+
+# --- fingerprints: exact integer checksums of arrays ------------------------------------
+
+
+def _fingerprintable(dtype) -> bool:
+  """Whether `_words` can view this dtype's bits (not sub-byte types such as int4)."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == np.bool_:
+    return True
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return True
+  if jnp.issubdtype(dtype, jnp.floating):
+    bits = jnp.finfo(dtype).bits
+  elif jnp.issubdtype(dtype, jnp.integer):
+    bits = jnp.iinfo(dtype).bits
+  else:
+    return False
+  return bits == 8 * np.dtype(dtype).itemsize and bits in (8, 16, 32, 64)
+
+
+def _words(x):
+  """The bits of `x` as uint32 words (no rounding: bitcasts, then widening)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return _words(jax.random.key_data(x))
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return jnp.stack([_words(x.real), _words(x.imag)])
+  size = x.dtype.itemsize
+  if size in (4, 8):  # 8-byte types gain a trailing axis of two words
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  narrow = {1: jnp.uint8, 2: jnp.uint16}[size]
+  return lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
+
+
+def _fingerprint(x):
+  """sum_i (2 i + 1) w_i mod 2^32 over the row-major word index i.
+
+  The weights are odd, hence invertible mod 2^32: changing any single word changes the
+  sum, and weighting by position makes moved or swapped words count as well. Integer
+  arithmetic makes it exact whatever the sharding and reduction order, so a state saved
+  on 8 devices and restored on 1 has the same fingerprint.
+  """
+  w = _words(x)
+  index = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(w.ndim)):
+    index += lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  return jnp.sum((2 * index + 1) * w, dtype=jnp.uint32)
+
+
+_fingerprints_jit = jax.jit(lambda xs: [_fingerprint(x) for x in xs])
+
+
+def state_fingerprints(state) -> dict[str, dict[str, Any]]:
+  """{leaf path: {"dtype", "shape", "fingerprint"}} for every array leaf of `state`.
+
+  Leaves are grouped by the devices they live on (one jitted call per group), since one
+  jitted computation cannot mix arrays committed to different device sets.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  groups: dict[frozenset, list] = {}
+  for path, leaf in leaves:
+    if not _fingerprintable(leaf.dtype):
+      continue
+    if not isinstance(leaf, jax.Array):
+      leaf = jnp.asarray(leaf)
+    groups.setdefault(frozenset(leaf.sharding.device_set), []).append((path, leaf))
+  out = {}
+  for members in groups.values():
+    values = jax.device_get(_fingerprints_jit([leaf for _, leaf in members]))
+    for (path, leaf), value in zip(members, values):
+      out[jax.tree_util.keystr(path)] = {
+          "dtype": str(leaf.dtype), "shape": list(leaf.shape), "fingerprint": int(value)}
+  return out
+
+
+# --- input checks -----------------------------------------------------------------------
+
+
+def _check_state_leaves(state):
+  """Orbax saves arrays; a bare Python or numpy scalar saves but fails to restore."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if not isinstance(leaf, (jax.Array, np.ndarray)):
+      raise TypeError(
+          f"Train state leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__} "
+          f"({leaf!r}); checkpoints hold arrays only. Store it as jnp.asarray(...) "
+          "(orbax cannot restore bare scalars).")
+
+
+def _as_abstract(abstract_state):
+  """Leaves -> ShapeDtypeStruct with a sharding on the current mesh (jax.Arrays accepted)."""
+
+  def convert(path, leaf):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      raise ValueError(
+          f"Abstract state leaf {jax.tree_util.keystr(path)} has no sharding. Give every "
+          "leaf as jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) "
+          "for the current mesh, so orbax knows where to place the restored shards.")
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map_with_path(convert, abstract_state)
+
+
+def _config_json_value(config) -> Any:
+  """ConfigDict / JSON text / dict -> a JSON-ready value (tuples tagged, see config_flags)."""
+  if isinstance(config, str):
+    return json.loads(config)
+  return json.loads(config_flags.config_to_json(config, indent=None))
+
+
+def _short(error: Exception, limit: int = 600) -> str:
+  """The gist of an orbax/tensorstore error (their messages append kilobytes of specs)."""
+  text = f"{type(error).__name__}: {error}".split(" [tensorstore_spec")[0]
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _is_iterator(data_state) -> bool:
+  return hasattr(data_state, "get_state") and hasattr(data_state, "set_state")
+
+
+# --- the checkpointer ---------------------------------------------------------------------
+
+
+class Checkpointer:
+  """Async, keep-N, mesh-independent checkpoints of a train state in `<workdir>/checkpoints`.
+
+  Args:
+    workdir: the run's directory (local path or anything epath opens, e.g. gs://).
+    save_every: `save` writes at steps divisible by this (and on preemption or force).
+    keep: how many of the newest steps to keep; older ones are deleted after a save.
+    async_save: write in a background thread (the call returns once the arrays are on
+      the host). `wait()` or `close()` blocks until the write is committed.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
+    if int(save_every) < 1 or int(keep) < 1:
+      raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, "
+                       f"keep={keep}.")
+    self.save_every = int(save_every)
+    self.keep = int(keep)
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=self.save_every,
+        max_to_keep=self.keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # remove tmp dirs left by a crashed save
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._sigterm = False
+    self._previous_handler = None
+    self._preemption_cache: tuple[int, bool] | None = None
+    self._last_saved: int | None = None
+
+  # --- steps ---
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Newest saved step (including one whose async write is still in flight), or None."""
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> epath.Path:
+    """`<workdir>/checkpoints/<step>` (orbax's default step naming)."""
+    return self.directory / str(int(step))
+
+  # --- preemption ---
+
+  def install_sigterm_handler(self):
+    """On SIGTERM, set a flag instead of dying, so the trainer saves and exits cleanly.
+
+    Call from the main thread. Under multi-process JAX (`jax.distributed.initialize`),
+    JAX's preemption service already catches SIGTERM and agrees on a step across all
+    processes (see `preemption_requested`); a Python handler would replace it and let
+    one process save alone, so none is installed there.
+    """
+    if jax.process_count() > 1:
+      logging.info("Multi-process run: SIGTERM is left to JAX's preemption service.")
+      return
+
+    def on_sigterm(signum, frame):
+      del signum, frame
+      logging.warning("SIGTERM received: will save a checkpoint at the next step and stop.")
+      self._sigterm = True
+
+    self._previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  def preemption_requested(self, step: int) -> bool:
+    """True once SIGTERM was caught, or at JAX's agreed preemption sync point.
+
+    In multi-process runs every process must call this at every step (it takes part in
+    a collective agreement on the step at which all processes save).
+    """
+    step = int(step)
+    if self._preemption_cache is None or self._preemption_cache[0] != step:
+      self._preemption_cache = (step, bool(self._manager.reached_preemption(step)))
+    return self._sigterm or self._preemption_cache[1]
+
+  def should_save(self, step: int) -> bool:
+    """True at every `save_every`-th step, and at any step once preemption is requested."""
+    return int(step) % self.save_every == 0 or self.preemption_requested(step)
+
+  # --- save ---
+
+  def save(self, step: int, state, *, data_state=None, config=None,
+           force: bool = False) -> bool:
+    """Starts an async save of `state` (and data state, config) if `should_save(step)`.
+
+    Args:
+      step: the training step the state is the result of.
+      state: pytree of jax.Arrays (any sharding) or numpy arrays.
+      data_state: a grain iterator (saved per process via grain's orbax handler), or any
+        JSON value (dict, list, str, number, bytes).
+      config: ConfigDict, JSON text or dict, stored as JSON for `restore_config`.
+      force: save even off the interval.
+
+    Returns:
+      True if a save was started (False off the interval, or if this Checkpointer
+      already saved this step, e.g. an interval step that was also the preemption step).
+    """
+    step = int(step)
+    if not (force or self.should_save(step)) or step == self._last_saved:
+      return False
+    _check_state_leaves(state)
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _CHECKSUMS: ocp.args.JsonSave(state_fingerprints(state)),
+    }
+    if _is_iterator(data_state):
+      items[_DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_state)
+    elif isinstance(data_state, bytes):
+      items[_DATA_STATE] = ocp.args.JsonSave({"bytes": data_state.decode("utf-8")})
+    elif data_state is not None:
+      items[_DATA_STATE] = ocp.args.JsonSave({"value": data_state})
+    if config is not None:
+      items[_CONFIG] = ocp.args.JsonSave(_config_json_value(config))
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+      raise CheckpointError(
+          f"Step {step} already exists in {self.directory} (from an earlier run?). Delete "
+          f"{self.step_dir(step)} to overwrite it, or resume from the latest step.") from e
+    if saved:
+      self._last_saved = step
+    return saved
+
+  def wait(self):
+    """Blocks until the in-flight async save is committed (re-raises its error)."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    """Waits for pending saves, releases orbax's threads, restores the SIGTERM handler."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # --- restore ---
+
+  def _resolve_step(self, step: int | None) -> int:
+    self._manager.wait_until_finished()  # an in-flight save is not restorable yet
+    self._manager.reload()  # steps on disk, whoever wrote them
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"No checkpoint in {self.directory} to restore.")
+      return steps[-1]
+    if int(step) not in steps:
+      raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
+                            f"available steps: {steps}.")
+    return int(step)
+
+  def _error(self, step: int, cause: str) -> CheckpointError:
+    others = [s for s in self.all_steps() if s != step]
+    return CheckpointError(
+        f"Checkpoint step {step} in {self.step_dir(step)} cannot be restored: {cause}\n"
+        f"Training does not restart from scratch silently. Either delete "
+        f"{self.step_dir(step)} (the run then resumes from the newest remaining step), or "
+        f"pass step=<one of {others}> to restore().")
+
+  def restore(self, abstract_state, step: int | None = None, *, data_iterator=None):
+    """Restores a step (default: the latest) onto the shardings given by `abstract_state`.
+
+    Args:
+      abstract_state: pytree matching the saved one, leaves
+        `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` for the current mesh (any
+        number of devices); dtypes may differ from the saved ones (values are cast).
+      step: which step; None for the latest.
+      data_iterator: a grain iterator whose state is set from the checkpoint, if the
+        checkpoint holds one.
+
+    Returns:
+      (state, data_state): data_state is the restored `data_iterator`, the JSON data
+      state that was saved, or None.
+
+    Raises:
+      CheckpointError: naming the step directory and the cause, if the step is missing,
+        corrupt, truncated, lacks the state, or does not match `abstract_state`.
+    """
+    step = self._resolve_step(step)
+    target = _as_abstract(abstract_state)
+    directory = self.step_dir(step)
+    present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    if _STATE not in present:
+      raise self._error(step, f"the '{_STATE}' item is missing (found {sorted(present)}).")
+    items = {_STATE: ocp.args.StandardRestore(target)}
+    if _CHECKSUMS in present:
+      items[_CHECKSUMS] = ocp.args.JsonRestore()
+    if _DATA_STATE in present:
+      items[_DATA_STATE] = ocp.args.JsonRestore()
+    if _DATA_ITERATOR in present and data_iterator is not None:
+      items[_DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(step, _short(e)) from e
+    state = restored[_STATE]
+    if _CHECKSUMS in present:
+      self._verify(step, state, restored[_CHECKSUMS])
+    else:
+      logging.warning("Checkpoint step %d has no checksums; restored values are unverified.",
+                      step)
+    return state, self._data_state(step, restored, present, data_iterator)
+
+  def _verify(self, step: int, state, saved: dict):
+    """Compares fingerprints of the restored leaves with those written at save time."""
+    restored = state_fingerprints(state)
+    bad = []
+    for path, now in restored.items():
+      then = saved.get(path)
+      if then is None or then["dtype"] != now["dtype"] or then["shape"] != now["shape"]:
+        continue  # a cast on restore changes the bits; nothing to compare against
+      if then["fingerprint"] != now["fingerprint"]:
+        bad.append(path)
+    if bad:
+      raise self._error(step, f"the restored values of {bad} differ from what was saved "
+                        "(checksum mismatch): the array files are corrupt.")
+
+  def _data_state(self, step, restored, present, data_iterator):
+    if _DATA_ITERATOR in present:
+      if data_iterator is None:
+        logging.warning("Checkpoint step %d holds a data iterator state; pass "
+                        "data_iterator= to restore() to resume the data order.", step)
+        return None
+      return restored[_DATA_ITERATOR]
+    if _DATA_STATE in present:
+      value = restored[_DATA_STATE]
+      if data_iterator is not None:
+        logging.warning("data_iterator was given but step %d saved a plain data state; "
+                        "returning that state unapplied.", step)
+      return value["bytes"].encode("utf-8") if "bytes" in value else value["value"]
+    return None
+
+  def restore_config(self, step: int | None = None):
+    """The config saved with a step (default: the latest), as a locked ConfigDict."""
+    step = self._resolve_step(step)
+    if not (self.step_dir(step) / _CONFIG).is_dir():
+      raise self._error(step, "no config was saved with this step.")
+    try:
+      value = self._manager.restore(step, args=ocp.args.Composite(
+          **{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(step, _short(e)) from e
+    return config_flags.config_from_json(json.dumps(value))
