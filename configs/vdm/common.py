@@ -1,0 +1,56 @@
+"""Pieces shared by the VDM configs: every key the trainer and the VDM experiment read.
+
+Each experiment file calls `base_config()` and changes what differs; unknown keys given on
+the command line are an error (see launch/config_flags.py).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.family = "vdm"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", data_dir="", train_split="train", eval_split="test", worker_count=0,
+      random_flip=False))
+
+  c.model = ml_collections.ConfigDict(dict(
+      net="score_unet",               # or "unet" (multi-resolution, ADM style)
+      parameterization="eps",         # eps | x | v
+      num_classes=0,                  # > 0: class-conditional on batch["label"]
+      weighting="elbo",               # see vdm.losses.WEIGHTINGS; elbo trains the VLB
+      weighting_params=ml_collections.ConfigDict(dict(
+          sigmoid_bias=0.0, edm_mean=2.4, edm_std=2.4, sigma_data=0.5, min_snr_gamma=5.0)),
+      antithetic_time=True,           # low-discrepancy t across the batch (VDM app. I.1)
+      num_steps_train=0,              # 0: continuous-time VLB; T > 0: T-step VLB
+      variance_minimization=True,     # learned schedules descend the loss variance
+      schedule=ml_collections.ConfigDict(dict(
+          name="learned_net", logsnr_min=-5.0, logsnr_max=13.3, pin_endpoints=False,
+          n_features=1024, resolution=32, base=64, resolution_at_data=32)),
+      score_unet=ml_collections.ConfigDict(dict(
+          ch=128, n_layer=32, dropout=0.1, with_attention=False, fourier_min=6,
+          fourier_max=7)),
+      unet=ml_collections.ConfigDict(dict(
+          ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+          dropout=0.1, num_heads=1)),
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-4, warmup_steps=100, decay="constant", b1=0.9, b2=0.99, eps=1e-8,
+      weight_decay=0.01, grad_clip=1.0, ema_decay=0.9999))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128, num_steps=10_000_000, grad_accum=1, compute_dtype="float32",
+      nan_policy="error",             # error: stop with a message; skip: drop the update
+      log_every=100, eval_every=10_000, sample_every=10_000, checkpoint_every=5_000,
+      keep_checkpoints=3, synthetic_data=False))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=256, num_time_samples=1, num_samples=64, sample_steps=256, sampler="ddim",
+      max_examples=0))                # 0: the whole split
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      ici=(-1, 1, 1), dcn=(1, 1, 1), rules="data_parallel"))
+  return c

@@ -1,0 +1,216 @@
+"""The VDM experiment: a model (denoising network + noise schedule), its loss, and sampling.
+
+This is what the generic trainer in `launch/` receives from the VDM family:
+  - `build_model(model_config, num_levels, image_shape, rngs)` -> `VDM` module;
+  - `loss_and_grads(graphdef, params, batch, rng, config)` -> (loss, metrics, grads);
+  - `per_example_vlb(model, batch, rng, config)` -> the three VLB terms per example (nats),
+    for the full-pass bits/dim evaluation in `vdm.likelihood`;
+  - `sample(model, rng, num, ...)` -> integer images.
+Nothing here imports `launch/`: it is arrays and parameters only.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdm import losses, process, samplers, schedules
+from vdm.nets.score_unet import ScoreUNet
+from vdm.nets.unet import UNet
+
+
+def settings_for_levels(num_levels: int) -> dict:
+  """Schedule endpoint and Fourier exponents derived from the data's number of levels.
+
+  The noise at t=0 should be a small fraction (1/6) of the gap 2/L between levels, so
+  logsnr_max = -2 log(sigma_0) = 2 log(3 L); Fourier features should resolve the level gap,
+  sin(2^n pi z) having period 2^(1-n) of about two gaps: n_max = round(log2(L / 2)). For 256
+  levels this gives VDM's CIFAR-10 values (gamma_min = -13.3, exponents 6 and 7).
+  """
+  n_max = round(math.log2(num_levels / 2))
+  return {"logsnr_max": round(2 * math.log(3 * num_levels), 1),
+          "fourier_min": n_max - 1, "fourier_max": n_max}
+
+
+def schedule_from_config(cfg, rngs: nnx.Rngs) -> nnx.Module:
+  """One schedule config for every kind: endpoints always given as logsnr_min / logsnr_max."""
+  lo, hi = cfg.logsnr_min, cfg.logsnr_max
+  gammas = {"gamma_min": -hi, "gamma_max": -lo}
+  name = cfg.name
+  if name == "linear":
+    return schedules.LinearGamma(**gammas)
+  if name == "learned_scalar":
+    return schedules.LearnedScalar(**gammas, pin_endpoints=cfg.pin_endpoints)
+  if name == "learned_net":
+    return schedules.LearnedMonotoneNet(**gammas, n_features=cfg.n_features,
+                                        pin_endpoints=cfg.pin_endpoints, rngs=rngs)
+  if name == "cosine":
+    return schedules.CosineLogSNR(lo, hi)
+  if name == "shifted_cosine":
+    return schedules.ShiftedCosine(cfg.resolution, cfg.base, lo, hi)
+  if name == "interpolated_cosine":
+    return schedules.InterpolatedShiftedCosine(cfg.resolution, cfg.resolution_at_data,
+                                               cfg.base, lo, hi)
+  raise ValueError(f"unknown schedule {name!r}; choose one of {schedules.SCHEDULES}")
+
+
+class VDM(nnx.Module):
+  """A denoising network, the parameterization of its output, and a noise schedule."""
+
+  def __init__(self, net: nnx.Module, schedule: nnx.Module, parameterization: str,
+               num_levels: int, image_shape: tuple):
+    if parameterization not in process.PARAMETERIZATIONS:
+      raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
+                       f"{process.PARAMETERIZATIONS}")
+    self.net, self.schedule = net, schedule
+    self.parameterization = parameterization
+    self.num_levels, self.image_shape = num_levels, tuple(image_shape)
+
+  def denoise(self, z, logsnr, cond=None, *, dropout_key=None) -> process.Prediction:
+    out = self.net(z, logsnr, cond, dropout_key=dropout_key)
+    return process.predict(z, logsnr, out, self.parameterization)
+
+  def logsnr(self, t):
+    return self.schedule(t)
+
+
+def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs) -> VDM:
+  """Builds the VDM model from `config.model` and the data's metadata."""
+  channels = image_shape[-1]
+  num_classes = cfg.num_classes or None
+  if cfg.net == "score_unet":
+    net = ScoreUNet(channels=channels, **cfg.score_unet, num_classes=num_classes,
+                    gamma_min=-cfg.schedule.logsnr_max, gamma_max=-cfg.schedule.logsnr_min,
+                    base_measure=cfg.parameterization == "eps", rngs=rngs)
+  elif cfg.net == "unet":
+    net = UNet(channels=channels, image_size=image_shape[0], **cfg.unet,
+               num_classes=num_classes, rngs=rngs)
+  else:
+    raise ValueError(f"unknown net {cfg.net!r}; choose 'score_unet' or 'unet'")
+  return VDM(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,
+             image_shape)
+
+
+def _cond(batch, cfg):
+  return {"label": batch["label"]} if cfg.num_classes else None
+
+
+def _schedule_values(schedule, t, num_steps: int):
+  """Per-example schedule values the loss needs: logsnr at 0, 1, t, and its rate (or at s)."""
+  ones = jnp.ones_like(t)
+  lam_t, rate_t = schedules.logsnr_and_rate(schedule, t)
+  values = {"logsnr_0": schedule(0.0 * ones), "logsnr_1": schedule(ones), "logsnr_t": lam_t,
+            "rate_t": rate_t}
+  if num_steps:
+    values["logsnr_s"] = schedule(t - 1.0 / num_steps)
+  return values
+
+
+def _vlb_terms(model: VDM, x_int, sched, eps, eps_0, cond, cfg, dropout_key):
+  """The three VLB terms (and the weighted diffusion loss) per example, in nats."""
+  x = losses.int_to_x(x_int, model.num_levels)
+  # 1. reconstruction: -log p(x | z_0), z_0 ~ q(z_0 | x)
+  z_0 = process.diffuse(x, sched["logsnr_0"], eps_0)
+  recon = losses.reconstruction_loss(x_int, z_0, sched["logsnr_0"], model.num_levels)
+  # 2. prior: KL(q(z_1 | x) || N(0, I))
+  prior = losses.prior_kl(x, sched["logsnr_1"])
+  # 3. diffusion: denoising error at z_t, weighted by the schedule's rate (or T steps)
+  z_t = process.diffuse(x, sched["logsnr_t"], eps)
+  eps_hat = model.denoise(z_t, sched["logsnr_t"], cond, dropout_key=dropout_key).eps
+  if cfg.num_steps_train:
+    diffusion = losses.diffusion_loss_discrete(eps, eps_hat, sched["logsnr_t"],
+                                               sched["logsnr_s"], cfg.num_steps_train)
+  else:
+    diffusion = losses.diffusion_loss_continuous(eps, eps_hat, sched["rate_t"])
+  weighted = losses.weighted_diffusion_loss(eps, eps_hat, sched["logsnr_t"], sched["rate_t"],
+                                            cfg.weighting, **cfg.weighting_params)
+  return {"recon": recon, "prior": prior, "diffusion": diffusion, "weighted": weighted}
+
+
+def _draws(rng, batch, cfg):
+  """Times and noises of one loss evaluation."""
+  k_t, k_eps, k_eps0, k_drop = jax.random.split(rng, 4)
+  x_shape = batch["image"].shape
+  t = losses.sample_times(k_t, x_shape[0], antithetic=cfg.antithetic_time,
+                          num_steps=cfg.num_steps_train)
+  return t, jax.random.normal(k_eps, x_shape), jax.random.normal(k_eps0, x_shape), k_drop
+
+
+def per_example_vlb(model: VDM, batch, rng, cfg, *, dropout_key=None) -> dict:
+  """VLB terms per example at one draw of (t, eps), for evaluation (no dropout by default)."""
+  t, eps, eps_0, _ = _draws(rng, batch, cfg)
+  sched = _schedule_values(model.schedule, t, cfg.num_steps_train)
+  return _vlb_terms(model, batch["image"], sched, eps, eps_0, _cond(batch, cfg), cfg,
+                    dropout_key)
+
+
+def _objective(terms, cfg):
+  """Per-example training loss: the VLB for the ELBO weighting, else the weighted loss."""
+  if cfg.weighting == "elbo":
+    return terms["recon"] + terms["prior"] + terms["diffusion"]
+  return terms["weighted"]
+
+
+def loss_and_grads(graphdef, params, batch, rng, cfg, *, train: bool = True):
+  """Mean loss (in bits/dim), metrics and gradients with respect to `params`.
+
+  With a learned schedule and cfg.variance_minimization, the schedule's parameters get the
+  gradient of the loss estimator's second moment instead (VDM appendix I.2).
+  """
+  t, eps, eps_0, k_drop = _draws(rng, batch, cfg)
+  dropout_key = k_drop if train else None
+  num_dims = math.prod(batch["image"].shape[1:])
+  to_bpd = 1.0 / (num_dims * math.log(2.0))
+  cond = _cond(batch, cfg)
+  net_params, sched_params = split_schedule_params(params)
+
+  def terms_fn(p, sched):
+    model = nnx.merge(graphdef, _join(p, sched_params))
+    return _vlb_terms(model, batch["image"], sched, eps, eps_0, cond, cfg, dropout_key)
+
+  def values_fn(sp):
+    model = nnx.merge(graphdef, _join(net_params, sp))
+    return _schedule_values(model.schedule, t, cfg.num_steps_train)
+
+  per_example = lambda p, sched: _objective(terms_fn(p, sched), cfg) * to_bpd
+  if cfg.variance_minimization and jax.tree.leaves(sched_params):
+    losses_, g_net, g_sched = losses.variance_minimizing_grads(per_example, net_params,
+                                                               values_fn, sched_params)
+  else:
+    def mean_loss(p_net, p_sched):
+      return jnp.mean(per_example(p_net, values_fn(p_sched)))
+    g_net, g_sched = jax.grad(mean_loss, argnums=(0, 1))(net_params, sched_params)
+    losses_ = None
+  terms = terms_fn(net_params, values_fn(sched_params))
+  if losses_ is None:
+    losses_ = _objective(terms, cfg) * to_bpd
+  metrics = {"loss": jnp.mean(losses_)}
+  for name in ("recon", "prior", "diffusion"):
+    metrics[f"bpd_{name}"] = jnp.mean(terms[name]) * to_bpd
+  metrics["bpd"] = metrics["bpd_recon"] + metrics["bpd_prior"] + metrics["bpd_diffusion"]
+  return metrics["loss"], metrics, _join(g_net, g_sched)
+
+
+def split_schedule_params(params: nnx.State):
+  """(network params, schedule params): the latter are the `ScheduleParam` variables."""
+  sched, net = nnx.split_state(params, schedules.ScheduleParam, ...)
+  return net, sched
+
+
+def _join(a: nnx.State, b: nnx.State) -> nnx.State:
+  return nnx.merge_state(a, b)
+
+
+def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
+           eta: float = 0.0, clip: bool = True, labels=None):
+  """Draws `num` images as integer levels (0..num_levels-1)."""
+  cond = None if labels is None else {"label": labels}
+
+  def denoise_fn(z, logsnr, c):
+    return model.denoise(z, logsnr, c)
+
+  x = samplers.sample(denoise_fn, model.logsnr, (num,) + model.image_shape, rng,
+                      num_steps=num_steps, sampler=sampler, eta=eta,
+                      clip_x=samplers.static_clip() if clip else samplers.no_clip, cond=cond)
+  return losses.x_to_int(x, model.num_levels)
