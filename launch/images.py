@@ -1,0 +1,41 @@
+"""Sample grids as PNG files, so a person can look at what a model makes."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images, num_levels: int) -> np.ndarray:
+  """Integer levels 0..num_levels-1 -> uint8 0..255 (17 grey levels spread over 0..255)."""
+  images = np.asarray(images, np.float64)
+  return np.round(images * 255.0 / (num_levels - 1)).clip(0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, num_levels: int, *, columns: int | None = None,
+              scale: int = 1, pad: int = 1) -> np.ndarray:
+  """Tiles [N, H, W, C] integer images into one uint8 image with `pad` pixels between cells."""
+  images = to_uint8(images, num_levels)
+  n, h, w, c = images.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+  if scale > 1:
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  return grid
+
+
+def write_grid(path: str, images, num_levels: int, *, columns: int | None = None,
+               scale: int | None = None) -> str:
+  """Writes a PNG grid; small images are enlarged (nearest) to about 64 px per cell."""
+  images = np.asarray(images)
+  scale = scale or max(1, 64 // images.shape[1])
+  grid = make_grid(images, num_levels, columns=columns, scale=scale)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
