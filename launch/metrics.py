@@ -5,11 +5,31 @@ never branch on the process index.
 """
 
 import json
+import logging
 import os
 import time
 
 import jax
 import numpy as np
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax/tensorstore/grain (one line per file written) from the log."""
+  NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/")
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def setup_logging():
+  """INFO logging of our own modules, warnings only from the libraries."""
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for handler in root.handlers:
+    handler.addFilter(_QuietLibraries())
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 class MetricWriter:

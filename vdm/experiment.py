@@ -75,17 +75,18 @@ class VDM(nnx.Module):
     return self.schedule(t)
 
 
-def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs) -> VDM:
-  """Builds the VDM model from `config.model` and the data's metadata."""
+def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.float32) -> VDM:
+  """Builds the VDM model from `config.model` and the data's metadata (dtype: compute dtype;
+  parameters stay float32)."""
   channels = image_shape[-1]
   num_classes = cfg.num_classes or None
   if cfg.net == "score_unet":
     net = ScoreUNet(channels=channels, **cfg.score_unet, num_classes=num_classes,
                     gamma_min=-cfg.schedule.logsnr_max, gamma_max=-cfg.schedule.logsnr_min,
-                    base_measure=cfg.parameterization == "eps", rngs=rngs)
+                    base_measure=cfg.parameterization == "eps", dtype=dtype, rngs=rngs)
   elif cfg.net == "unet":
     net = UNet(channels=channels, image_size=image_shape[0], **cfg.unet,
-               num_classes=num_classes, rngs=rngs)
+               num_classes=num_classes, dtype=dtype, rngs=rngs)
   else:
     raise ValueError(f"unknown net {cfg.net!r}; choose 'score_unet' or 'unet'")
   return VDM(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,

@@ -1,0 +1,67 @@
+r"""Bits/dim of a split, for a trained workdir (EMA params of the latest checkpoint by default).
+
+  python -m launch.evaluate --workdir runs/digits [--split test] [--step N] [--no_ema]
+      [--num_time_samples K]
+
+The config is the one saved beside the checkpoint, so the model is rebuilt exactly; results
+are printed and appended to workdir/eval_results.jsonl.
+"""
+
+import json
+import os
+
+import jax
+from absl import app, flags
+
+from launch import checkpoint as checkpoint_lib
+from launch import distributed, trainer
+from launch import metrics as metrics_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_EMA = flags.DEFINE_bool("ema", True, "Evaluate the EMA params (--no_ema: the raw params).")
+_K = flags.DEFINE_integer("num_time_samples", None, "(t, eps) draws per example.")
+_MAX = flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.")
+
+
+def load(workdir: str, step: int | None = None):
+  """(setup, state, step) restored from a workdir's checkpoint and saved config."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+                            f"first with: python -m launch.train --config ... --workdir {workdir}")
+  config = ckpt.restore_config(step).unlock()
+  return config, ckpt
+
+
+def main(argv):
+  del argv
+  metrics_lib.setup_logging()
+  distributed.initialize()
+  config, ckpt = load(_WORKDIR.value, _STEP.value)
+  if _K.value:
+    config.eval.num_time_samples = _K.value
+  if _MAX.value is not None:
+    config.eval.max_examples = _MAX.value
+  setup = trainer.build(config)
+  state, _ = ckpt.restore(setup.abstract_state, _STEP.value)
+  step = int(jax.device_get(state["step"]))
+  split = _SPLIT.value or config.data.eval_split
+  result = trainer.evaluate_bpd(setup, state["ema" if _EMA.value else "params"], split=split,
+                                rng=jax.random.key(config.seed + 2))
+  result.update(step=step, split=split, ema=_EMA.value,
+                num_time_samples=config.eval.num_time_samples)
+  print(json.dumps(result))
+  if distributed.is_main_process():
+    with open(os.path.join(_WORKDIR.value, "eval_results.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps(result) + "\n")
+  ckpt.close()
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

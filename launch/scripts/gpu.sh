@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# GPUs: one host (one process sees all its GPUs), several hosts over ssh, or a SLURM job.
+# Every multi-host process runs the same command with COORDINATOR_ADDRESS (host:port of
+# process 0), NUM_PROCESSES and PROCESS_ID, which launch/distributed.py passes to
+# jax.distributed.initialize().
+#
+#   gpu.sh [--dry-run] SUBCOMMAND [ARGS...]      (see `usage` below; README.md beside it)
+#
+# Environment:
+#   PYTHON            interpreter with this package installed (default python3)
+#   PORT              coordinator port on the first host (default 12355)
+#   COORDINATOR_HOST  address of the first host as the others reach it (default: its name
+#                     in the hostfile, user@ stripped)
+#   REMOTE_DIR        the checkout on every host (default: this checkout's path, as on a
+#                     shared filesystem); LOG_DIR (default ~/vdiff-logs) for `multi` logs.
+#                     These two and PYTHON go into the remote command as written: ~ expands there.
+#   TFDS_DATA_DIR     exported to every process when set
+#   DRY_RUN=1         print the commands (one per line, shell-quoted) instead of running them
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+PORT="${PORT:-12355}"
+LOG_DIR="${LOG_DIR:-~/vdiff-logs}"
+DRY_RUN="${DRY_RUN:-0}"
+
+usage() {
+  cat <<'EOF'
+Usage: gpu.sh [--dry-run] SUBCOMMAND [ARGS...]
+
+  train CONFIG WORKDIR [OVERRIDES...]        this host, one process over all its GPUs
+  evaluate WORKDIR [ARGS...]                 this host
+  sample WORKDIR [ARGS...]                   this host (ARGS: --num N --steps S)
+  multi HOSTFILE CONFIG WORKDIR [OVERRIDES...]
+                                             train on every host of HOSTFILE (one per line,
+                                             first = coordinator), started detached over ssh
+  logs HOSTFILE [I]                          follow host I's training log (default 0)
+  stop HOSTFILE                              SIGTERM to the trainer on every host (saves, exits)
+  slurm CONFIG WORKDIR [OVERRIDES...]        inside an sbatch allocation: srun, one process per task
+
+Environment: PYTHON (python3) PORT (12355) COORDINATOR_HOST REMOTE_DIR LOG_DIR TFDS_DATA_DIR DRY_RUN=1
+EOF
+}
+
+die() { printf 'gpu.sh: %s\n' "$*" >&2; exit 1; }
+
+# Print the arguments as one line that a shell reads back into the same arguments.
+quote() {
+  local out=() a
+  for a in "$@"; do
+    if [[ -n $a && $a != *[!A-Za-z0-9_./:=@%+,-]* ]]; then out+=("$a")
+    else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s\n' "${out[*]}"
+}
+
+# Run a command, or with DRY_RUN=1 only print it.
+run() {
+  if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
+}
+
+REMOTE_DIR="${REMOTE_DIR:-$(quote "$REPO_ROOT")}"
+
+# The training arguments, checked: CONFIG must exist in this checkout.
+train_args() {
+  [[ $# -ge 2 ]] || die "expected CONFIG WORKDIR [OVERRIDES...], e.g. configs/vdm/cifar10.py /data/runs/cifar"
+  local config=$1 workdir=$2; shift 2
+  [[ -f $REPO_ROOT/${config%%:*} ]] || die "config file ${config%%:*} not found in $REPO_ROOT"
+  TRAIN_ARGS=(-m launch.train --config "$config" --workdir "$workdir" "$@")
+}
+
+# train / evaluate / sample on this host: one process, which sees every local GPU
+# (restrict with CUDA_VISIBLE_DEVICES).
+cmd_train() { train_args "$@"; cd "$REPO_ROOT"; run "$PYTHON" "${TRAIN_ARGS[@]}"; }
+cmd_evaluate() {
+  [[ $# -ge 1 ]] || die "evaluate needs WORKDIR"
+  local workdir=$1; shift
+  cd "$REPO_ROOT"; run "$PYTHON" -m launch.evaluate --workdir "$workdir" "$@"
+}
+cmd_sample() {
+  [[ $# -ge 1 ]] || die "sample needs WORKDIR (then --num N --steps S)"
+  local workdir=$1; shift
+  cd "$REPO_ROOT"; run "$PYTHON" -m launch.sample --workdir "$workdir" "$@"
+}
+
+# HOSTS: the hosts of a hostfile, one per line; blank lines and # comments are skipped.
+read_hosts() {
+  [[ -f ${1:-} ]] || die "hostfile '${1:-}' not found: one host (or user@host) per line, the first is the coordinator"
+  HOSTS=()
+  local line
+  while IFS= read -r line || [[ -n $line ]]; do
+    line=${line%%#*}
+    line=${line//[[:space:]]/}
+    if [[ -n $line ]]; then HOSTS+=("$line"); fi
+  done < "$1"
+  [[ ${#HOSTS[@]} -ge 1 ]] || die "hostfile $1 lists no host"
+}
+
+ssh_to() { run ssh -o BatchMode=yes "$1" "$2"; }
+
+# multi HOSTFILE CONFIG WORKDIR [OVERRIDES...]: on host i, start the trainer detached with
+# PROCESS_ID=i, all sharing the first host's COORDINATOR_ADDRESS. The output goes to
+# LOG_DIR/train.log on each host and the pid to LOG_DIR/train.pid (for `stop`).
+# WORKDIR must be storage that every host sees (NFS, gs://...).
+cmd_multi() {
+  [[ $# -ge 3 ]] || die "usage: gpu.sh multi HOSTFILE CONFIG WORKDIR [OVERRIDES...]"
+  read_hosts "$1"; shift
+  train_args "$@"
+  local head=${HOSTS[0]#*@} n=${#HOSTS[@]} i env
+  local coordinator="${COORDINATOR_HOST:-$head}:$PORT"
+  for ((i = 0; i < n; i++)); do
+    env="export COORDINATOR_ADDRESS=$(quote "$coordinator") NUM_PROCESSES=$n PROCESS_ID=$i"
+    if [[ -n ${TFDS_DATA_DIR:-} ]]; then env+=" TFDS_DATA_DIR=$(quote "$TFDS_DATA_DIR")"; fi
+    ssh_to "${HOSTS[i]}" "cd $REMOTE_DIR && mkdir -p $LOG_DIR && $env && { echo \"=== \$(date -u) train process $i/$n\" >> $LOG_DIR/train.log; nohup $PYTHON $(quote "${TRAIN_ARGS[@]}") >> $LOG_DIR/train.log 2>&1 < /dev/null & echo \$! > $LOG_DIR/train.pid; }"
+  done
+}
+
+# logs HOSTFILE [I]: follow the training log on host I.
+cmd_logs() {
+  read_hosts "${1:-}"
+  local i=${2:-0}
+  [[ $i =~ ^[0-9]+$ && $i -lt ${#HOSTS[@]} ]] || die "host index $i: the hostfile has ${#HOSTS[@]} hosts"
+  ssh_to "${HOSTS[i]}" "tail -n 200 -F $LOG_DIR/train.log"
+}
+
+# stop HOSTFILE: SIGTERM to every trainer; they save a checkpoint and exit, and re-running
+# the same `multi` command resumes from it.
+cmd_stop() {
+  read_hosts "${1:-}"
+  local host
+  for host in "${HOSTS[@]}"; do
+    ssh_to "$host" "kill -TERM \"\$(cat $LOG_DIR/train.pid)\""
+  done
+}
+
+# slurm CONFIG WORKDIR [OVERRIDES...]: run from an sbatch script. srun starts one task per
+# slot of the allocation (ask for --ntasks-per-node=1 to have one process see all GPUs of a
+# node); each task sets PROCESS_ID from its SLURM_PROCID, and the first node coordinates.
+cmd_slurm() {
+  [[ -n ${SLURM_JOB_NODELIST:-} && -n ${SLURM_NTASKS:-} ]] ||
+    die "slurm runs inside an allocation (sbatch script or salloc): SLURM_JOB_NODELIST/SLURM_NTASKS are unset"
+  train_args "$@"
+  local head
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  cd "$REPO_ROOT"
+  # The single quotes are for the task's shell: SLURM_PROCID differs per task.
+  # shellcheck disable=SC2016
+  run env COORDINATOR_ADDRESS="${COORDINATOR_HOST:-$head}:$PORT" NUM_PROCESSES="$SLURM_NTASKS" \
+    srun --kill-on-bad-exit=1 bash -c 'export PROCESS_ID=$SLURM_PROCID; exec "$@"' _ "$PYTHON" "${TRAIN_ARGS[@]}"
+}
+
+main() {
+  if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+  local sub=${1:-}
+  shift || true
+  case $sub in
+    train|evaluate|sample|multi|logs|stop|slurm) "cmd_$sub" "$@" ;;
+    -h|--help|help) usage ;;
+    *) usage >&2; [[ -z $sub ]] || echo "gpu.sh: unknown subcommand '$sub'" >&2; exit 2 ;;
+  esac
+}
+
+main "$@"

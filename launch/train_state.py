@@ -1,0 +1,114 @@
+"""The train state (a plain pytree), the optimizer, and the train step shared by every family.
+
+state = {"step": int32[], "params": nnx.State, "opt_state": optax state, "ema": nnx.State,
+         "rng": uint32 key data}
+
+A family supplies `loss_and_grads(params, batch, rng) -> (loss, metrics, grads)`; this module
+adds gradient accumulation over micro-batches, the optimizer update, the EMA, and the
+non-finite guard: a NaN/Inf loss or gradient leaves the state unchanged and reports
+`nonfinite = 1`, so a poisoned update is never applied (the trainer then stops or skips).
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to cfg.lr, then constant, cosine or linear decay to 0 at total_steps."""
+  warmup = max(int(cfg.warmup_steps), 0)
+  rest = max(total_steps - warmup, 1)
+  decays = {
+      "constant": optax.constant_schedule(cfg.lr),
+      "cosine": optax.cosine_decay_schedule(cfg.lr, rest),
+      "linear": optax.linear_schedule(cfg.lr, 0.0, rest),
+  }
+  if cfg.decay not in decays:
+    raise ValueError(f"unknown optim.decay {cfg.decay!r}; choose one of {sorted(decays)}")
+  if warmup == 0:
+    return decays[cfg.decay]
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decays[cfg.decay]],
+                              [warmup])
+
+
+def weight_decay_mask(params):
+  """Decay matrices and conv kernels only: biases, norm scales and 1-D/scalar params are exempt."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warmup + decay, global-norm clipping and a weight-decay mask."""
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*parts)
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "ema": jax.tree.map(jnp.copy, params),
+          "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def ema_decay_at(step, decay: float):
+  """EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so early averages are not
+  dominated by the random init (as in the TF/JAX diffusion codebases)."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def _micro_batches(batch, num: int):
+  """[B, ...] -> [num, B / num, ...], micro-batch j holding examples j, j + num, ..., so each
+  micro-batch spans every data-parallel shard."""
+  def split(a):
+    if a.shape[0] % num:
+      raise ValueError(f"batch size {a.shape[0]} is not divisible by train.grad_accum={num}")
+    return jnp.swapaxes(a.reshape((a.shape[0] // num, num) + a.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(loss_and_grads: Callable, tx: optax.GradientTransformation, *,
+                    ema_decay: float, grad_accum: int = 1) -> Callable:
+  """Returns step(state, batch) -> (state, metrics), to be jitted by the trainer."""
+
+  def grads_of(params, batch, rng):
+    if grad_accum == 1:
+      return loss_and_grads(params, batch, rng)
+
+    def body(carry, micro):
+      i, (loss, metrics, grads) = carry[0], carry[1]
+      l, m, g = loss_and_grads(params, micro, jax.random.fold_in(rng, i))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (i + 1, (loss + l, add(metrics, m), add(grads, g))), None
+
+    micro = _micro_batches(batch, grad_accum)
+    first = jax.tree.map(lambda a: a[0], micro)
+    shapes = jax.eval_shape(loss_and_grads, params, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (_, totals), _ = jax.lax.scan(body, (0, zeros), micro)
+    return jax.tree.map(lambda a: a / grad_accum, totals)
+
+  def step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    loss, metrics, grads = grads_of(state["params"], batch, rng)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    d = ema_decay_at(state["step"], ema_decay)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
+           "rng": state["rng"]}
+    # A non-finite update is never applied; the step counter still moves on (skip policy).
+    keep = lambda n, o: jnp.where(finite, n, o)
+    new = {k: (new[k] if k == "step" else jax.tree.map(keep, new[k], state[k])) for k in new}
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return new, metrics
+
+  return step
