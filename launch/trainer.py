@@ -54,12 +54,14 @@ def _source(config, split):
   return pipeline.get_source(name, split, data_dir=config.data.data_dir or None)
 
 
-def build(config) -> Setup:
-  """Mesh, data source, model definition and the abstract, sharded train state."""
+def build(config, devices=None) -> Setup:
+  """Mesh, data source, model definition and the abstract, sharded train state.
+
+  devices: the devices of the mesh (default: all); tests pass a subset to compare meshes."""
   distributed.initialize()
   _check_config(config)
   family = families.get_family(config.family)
-  mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn)
+  mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
   source = _source(config, config.data.train_split)
   tx = train_state.make_optimizer(config.optim, config.train.num_steps)
 
@@ -189,10 +191,10 @@ def _nonfinite_error(step, metrics, ckpt):
       f"--config.train.nan_policy=skip to skip such updates.")
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, devices=None) -> dict:
   """Trains until config.train.num_steps; returns the last evaluation's metrics."""
   # ----------------------------------------------------------------------------- setup
-  setup = build(config)
+  setup = build(config, devices)
   cfg = config.train
   logging.info("Mesh: %s", mesh_lib.describe(setup.mesh))
   loader = pipeline.make_loader(setup.source, global_batch_size=cfg.batch_size, seed=config.seed,
