@@ -96,7 +96,7 @@ wait_all() {
       rc=0; wait "$pid" || rc=$?
       if [[ $rc -ne 0 ]]; then
         echo "local.sh: process with pid $pid exited with status $rc; stopping the others" >&2
-        wait || true
+        stop_all; wait || true
         return "$rc"
       fi
     done

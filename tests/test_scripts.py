@@ -1,0 +1,386 @@
+"""The launch scripts (launch/scripts/{tpu,gpu,local}.sh).
+
+With DRY_RUN=1 each script prints, one per line and shell-quoted, the commands it would run;
+`shlex.split` reads each line back into an argv, which the tests check flag by flag. The
+remote command lines (what gcloud or ssh would run on a worker) are then run here, by bash,
+with a stub `python` that records its argv, environment, directory and pid: so the quoting,
+the detaching, the pid files and the per-process variables are checked as a shell executes
+them, not as text. local.sh's multiprocess mode is run for real with the stub, including
+the failure path (one process fails, the others get SIGTERM).
+"""
+import json
+import os
+import pathlib
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "launch" / "scripts"
+CONFIG = "configs/vdm/cifar10.py"
+
+# A stand-in for `python`: writes {argv, cwd, pid, env} to $STUB_OUT/<PROCESS_ID>.json, then
+# exits (STUB_MODE=exit), exits with 3 if it is process 1 (fail1), or sleeps until SIGTERM,
+# which it records in <PROCESS_ID>.term (sleep).
+STUB = f"""#!{sys.executable}
+import json, os, signal, sys, time
+out, key = os.environ["STUB_OUT"], os.environ.get("PROCESS_ID", "single")
+def record(name, value):
+  tmp = os.path.join(out, name + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(value, f)
+  os.replace(tmp, os.path.join(out, name))
+def on_term(*_):
+  record(key + ".term", True)
+  sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+keys = ["COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "XLA_FLAGS", "JAX_PLATFORMS",
+        "TFDS_DATA_DIR"]
+record(key + ".json", dict(argv=sys.argv[1:], cwd=os.getcwd(), pid=os.getpid(),
+                           env={{k: os.environ.get(k) for k in keys}}))
+mode = os.environ.get("STUB_MODE", "exit")
+if mode == "fail1" and key == "1":
+  time.sleep(0.3)
+  sys.exit(3)
+if mode in ("sleep", "fail1"):
+  time.sleep(30)
+"""
+
+
+def script(name, *args, env=None, dry=True):
+  """Runs launch/scripts/<name> with bash in a clean environment; returns CompletedProcess."""
+  full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+  if dry:
+    full["DRY_RUN"] = "1"
+  full.update(env or {})
+  return subprocess.run(["bash", str(SCRIPTS / name), *args], env=full, capture_output=True,
+                        text=True, timeout=30)
+
+
+def commands(result):
+  """The printed commands as argv lists, after checking the script succeeded."""
+  assert result.returncode == 0, result.stderr
+  return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def flag(argv, name):
+  """Value of `--name=value` in argv (exactly one occurrence)."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+def env_of(argv):
+  """For an `env A=1 B=2 cmd ...` argv: ({A: 1, B: 2}, [cmd, ...])."""
+  assert argv[0] == "env", argv
+  i = 1
+  while "=" in argv[i] and not argv[i].startswith("-"):
+    i += 1
+  return dict(a.split("=", 1) for a in argv[1:i]), argv[i:]
+
+
+def wait_for(path, timeout=10.0):
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert time.time() < deadline, f"{path} never appeared"
+    time.sleep(0.05)
+  return json.loads(path.read_text())
+
+
+@pytest.fixture
+def stub(tmp_path):
+  """(path of the stub python, folder it records into)."""
+  out = tmp_path / "records"
+  out.mkdir()
+  path = tmp_path / "bin" / "python"
+  path.parent.mkdir()
+  path.write_text(STUB)
+  path.chmod(0o755)
+  return path, out
+
+
+def remote(command, env, check=True):
+  """Runs a remote command line as a worker's login shell would (bash -c)."""
+  result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=30)
+  if check:
+    assert result.returncode == 0, result.stderr
+  return result
+
+
+# --- every script ---
+
+@pytest.mark.parametrize("name", ["tpu.sh", "gpu.sh", "local.sh"])
+def test_syntax_and_unknown_subcommand(name):
+  assert subprocess.run(["bash", "-n", str(SCRIPTS / name)]).returncode == 0
+  for args in (["frobnicate"], []):
+    result = script(name, *args)
+    assert result.returncode != 0
+    assert "Usage:" in result.stderr and result.stdout == ""
+  assert "unknown subcommand 'frobnicate'" in script(name, "frobnicate").stderr
+  assert "Usage:" in script(name, "--help").stdout
+
+
+@pytest.mark.parametrize("name,args", [
+    ("tpu.sh", ["train", "configs/vdm/nope.py"]),
+    ("gpu.sh", ["train", "configs/vdm/nope.py", "/tmp/w"]),
+    ("local.sh", ["multiprocess", "2", "configs/vdm/nope.py", "/tmp/w"]),
+])
+def test_missing_config_is_an_error(name, args):
+  env = dict(TPU_NAME="t", ZONE="z", WORKDIR="gs://b/w")
+  result = script(name, *args, env=env)
+  assert result.returncode != 0 and "configs/vdm/nope.py not found" in result.stderr
+
+
+# --- tpu.sh ---
+
+TPU_ENV = dict(TPU_NAME="my-tpu", ZONE="us-central2-b", PROJECT="my-proj",
+               ACCELERATOR_TYPE="v4-32", WORKDIR="gs://bucket/run",
+               TFDS_DATA_DIR="gs://bucket/tfds", REPO_URL="https://example.com/vdiff.git")
+
+
+def tpu(*args, **env):
+  return commands(script("tpu.sh", *args, env={**TPU_ENV, **env}))
+
+
+def assert_ssh_all(argv, worker="all"):
+  """A `gcloud compute tpus tpu-vm ssh` to the node; returns its --command."""
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+  assert flag(argv, "--zone") == "us-central2-b" and flag(argv, "--project") == "my-proj"
+  assert flag(argv, "--worker") == worker
+  return flag(argv, "--command")
+
+
+def test_tpu_create_queued_spot_vm_and_runtime_defaults():
+  (argv,) = tpu("create")
+  assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu"]
+  assert flag(argv, "--node-id") == "my-tpu"
+  assert flag(argv, "--accelerator-type") == "v4-32"
+  assert flag(argv, "--runtime-version") == "tpu-ubuntu2204-base"
+  assert "--spot" not in argv
+  (argv,) = tpu("create", "--reserved", SPOT="1", ACCELERATOR_TYPE="v5litepod-16")
+  assert flag(argv, "--runtime-version") == "v2-alpha-tpuv5-lite"
+  assert "--spot" in argv and argv[-1] == "--reserved"
+  (argv,) = tpu("create", CREATE_MODE="vm", ACCELERATOR_TYPE="v6e-8", RUNTIME_VERSION="custom")
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu"]
+  assert flag(argv, "--version") == "custom"
+  result = script("tpu.sh", "create", env={**TPU_ENV, "ACCELERATOR_TYPE": "v9-1"})
+  assert result.returncode != 0 and "RUNTIME_VERSION" in result.stderr
+
+
+def test_tpu_missing_env_and_local_workdir_are_errors():
+  env = {k: v for k, v in TPU_ENV.items() if k != "TPU_NAME"}
+  result = script("tpu.sh", "train", CONFIG, env=env)
+  assert result.returncode != 0 and "TPU_NAME is not set" in result.stderr
+  result = script("tpu.sh", "train", CONFIG, env={**TPU_ENV, "WORKDIR": "/tmp/run"})
+  assert result.returncode != 0 and "gs://" in result.stderr
+
+
+def test_tpu_train_runs_the_entry_point_detached_on_every_worker(tmp_path, stub):
+  (argv,) = tpu("train", CONFIG, "--config.name=a b", "--config.lr=1e-3")
+  command = assert_ssh_all(argv)
+  assert f"python -m launch.train --config {CONFIG} --workdir gs://bucket/run" in command
+
+  # Run it as a worker would: HOME holds the checkout and the venv.
+  home = tmp_path / "home"
+  (home / "vdiff").mkdir(parents=True)
+  (home / "vdiff-venv" / "bin").mkdir(parents=True)
+  os.symlink(stub[0], home / "vdiff-venv" / "bin" / "python")
+  env = {"PATH": os.environ["PATH"], "HOME": str(home), "STUB_OUT": str(stub[1]),
+         "STUB_MODE": "sleep"}
+  remote(command, env)
+  rec = wait_for(stub[1] / "single.json")
+  pid_file = home / "vdiff-logs" / "train.pid"
+  try:
+    assert rec["argv"] == ["-m", "launch.train", "--config", CONFIG, "--workdir",
+                           "gs://bucket/run", "--config.name=a b", "--config.lr=1e-3"]
+    assert rec["cwd"] == str(home / "vdiff")
+    assert rec["env"]["TFDS_DATA_DIR"] == "gs://bucket/tfds"
+    assert int(pid_file.read_text()) == rec["pid"]
+    assert "=== " in (home / "vdiff-logs" / "train.log").read_text()
+    # A second start while it runs is refused.
+    again = remote(command, env, check=False)
+    assert again.returncode == 1 and "already running" in again.stderr
+    # status sees it; stop sends SIGTERM (the trainer's cue to save and exit).
+    status = tpu("status")
+    assert status[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "describe"]
+    assert "train running (pid %d)" % rec["pid"] in remote(assert_ssh_all(status[1]), env).stdout
+    (stop,) = tpu("stop")
+    remote(assert_ssh_all(stop), env)
+    assert wait_for(stub[1] / "single.term") is True
+  finally:
+    try:
+      os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+      pass
+
+
+def test_tpu_evaluate_sample_logs():
+  (argv,) = tpu("evaluate")
+  assert "python -m launch.evaluate --workdir gs://bucket/run >>" in assert_ssh_all(argv)
+  (argv,) = tpu("sample", "--num", "64", "--steps", "256")
+  assert ("python -m launch.sample --workdir gs://bucket/run --num 64 --steps 256 >>"
+          in assert_ssh_all(argv))
+  (argv,) = tpu("logs")
+  assert assert_ssh_all(argv, worker="0") == "tail -n 200 -F ~/vdiff-logs/train.log"
+  (argv,) = tpu("logs", "sample", WORKER="3")
+  assert assert_ssh_all(argv, worker="3").endswith("~/vdiff-logs/sample.log")
+
+
+def test_tpu_install_pins_the_jax_of_setup_py():
+  (argv,) = tpu("install")
+  command = assert_ssh_all(argv)
+  pin = re.search(r'"jax==([0-9.]+)"', (REPO / "setup.py").read_text()).group(1)
+  assert f"pip install --quiet 'jax[tpu]=={pin}' -e ~/vdiff" in command
+  assert "--python 3.11" in command
+  assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+
+
+def test_tpu_copy_clone_delete(tmp_path):
+  archive, scp, cleanup, ssh = tpu("copy")
+  assert archive[:4] == ["git", "-C", str(REPO), "archive"]
+  tarball = archive[archive.index("-o") + 1]
+  assert cleanup == ["rm", "-f", tarball]
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+  assert scp[5:7] == [tarball, "my-tpu:vdiff.tar.gz"] and flag(scp, "--worker") == "all"
+  unpack = assert_ssh_all(ssh)
+  # The unpack line, run in a fake home, puts the archive's files into ~/vdiff.
+  home = tmp_path / "home"
+  (home / "vdiff").mkdir(parents=True)
+  (home / "vdiff" / "stale.py").write_text("")
+  src = tmp_path / "src"
+  (src / "launch").mkdir(parents=True)
+  (src / "launch" / "x.py").write_text("x = 1\n")
+  subprocess.run(["tar", "-czf", str(home / "vdiff.tar.gz"), "-C", str(src), "."], check=True)
+  remote(unpack, {"PATH": os.environ["PATH"], "HOME": str(home)})
+  assert (home / "vdiff" / "launch" / "x.py").read_text() == "x = 1\n"
+  assert not (home / "vdiff" / "stale.py").exists()
+  assert not (home / "vdiff.tar.gz").exists()
+  result = script("tpu.sh", "copy", env={**TPU_ENV, "REMOTE_DIR": "~"})
+  assert result.returncode != 0 and "wiped" in result.stderr
+
+  (argv,) = tpu("clone", REPO_REF="v1.0")
+  command = assert_ssh_all(argv)
+  assert "git clone --quiet https://example.com/vdiff.git ~/vdiff" in command
+  assert command.endswith("checkout --quiet --detach v1.0")
+
+  (argv,) = tpu("delete")
+  assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "my-tpu"]
+  assert "--force" in argv
+  (argv,) = tpu("delete", CREATE_MODE="vm")
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu"]
+
+
+# --- gpu.sh ---
+
+def test_gpu_single_host():
+  (argv,) = commands(script("gpu.sh", "train", CONFIG, "/runs/c", "--config.x=1"))
+  assert argv == ["python3", "-m", "launch.train", "--config", CONFIG, "--workdir", "/runs/c",
+                  "--config.x=1"]
+  (argv,) = commands(script("gpu.sh", "sample", "/runs/c", "--num", "4", "--steps", "8",
+                            env={"PYTHON": "/venv/bin/python"}))
+  assert argv == ["/venv/bin/python", "-m", "launch.sample", "--workdir", "/runs/c", "--num",
+                  "4", "--steps", "8"]
+
+
+def test_gpu_multi_one_process_per_host(tmp_path, stub):
+  hostfile = tmp_path / "hosts"
+  hostfile.write_text("# GPU nodes\nalice@node-a   # coordinator\n\nnode-b\n")
+  checkout = tmp_path / "checkout"
+  checkout.mkdir()
+  env = {"PYTHON": str(stub[0]), "REMOTE_DIR": str(checkout), "LOG_DIR": str(tmp_path / "logs"),
+         "PORT": "23456"}
+  lines = commands(script("gpu.sh", "multi", str(hostfile), CONFIG, "/nfs/run", "--config.x=1",
+                          env=env))
+  assert len(lines) == 2
+  assert [argv[:4] for argv in lines] == [["ssh", "-o", "BatchMode=yes", "alice@node-a"],
+                                          ["ssh", "-o", "BatchMode=yes", "node-b"]]
+  for argv in lines:  # run each host's command here
+    remote(argv[4], {"PATH": os.environ["PATH"], "STUB_OUT": str(stub[1])})
+  for i in range(2):
+    rec = wait_for(stub[1] / f"{i}.json")
+    assert rec["env"]["COORDINATOR_ADDRESS"] == "node-a:23456"
+    assert rec["env"]["NUM_PROCESSES"] == "2" and rec["env"]["PROCESS_ID"] == str(i)
+    assert rec["argv"] == ["-m", "launch.train", "--config", CONFIG, "--workdir", "/nfs/run",
+                           "--config.x=1"]
+    assert rec["cwd"] == str(checkout)
+  stops = commands(script("gpu.sh", "stop", str(hostfile), env=env))
+  assert [s[3] for s in stops] == ["alice@node-a", "node-b"]
+  assert all("kill -TERM" in s[4] for s in stops)
+  result = script("gpu.sh", "multi", str(tmp_path / "missing"), CONFIG, "/w")
+  assert result.returncode != 0 and "hostfile" in result.stderr
+
+
+def test_gpu_slurm(tmp_path, stub):
+  bin_dir = tmp_path / "fakebin"
+  bin_dir.mkdir()
+  scontrol = bin_dir / "scontrol"  # expands node[07-08] the way SLURM's does
+  scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[07-08]" ] && '
+                      'printf "node07\\nnode08\\n"\n')
+  scontrol.chmod(0o755)
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[07-08]",
+         "SLURM_NTASKS": "2", "PYTHON": str(stub[0])}
+  (argv,) = commands(script("gpu.sh", "slurm", CONFIG, "/lustre/run", env=env))
+  variables, rest = env_of(argv)
+  assert variables == {"COORDINATOR_ADDRESS": "node07:12355", "NUM_PROCESSES": "2"}
+  assert rest[:2] == ["srun", "--kill-on-bad-exit=1"]
+  task = rest[rest.index("bash"):]  # what srun starts on each task
+  subprocess.run(task, env={**os.environ, "SLURM_PROCID": "1", "STUB_OUT": str(stub[1])},
+                 check=True, timeout=30)
+  rec = wait_for(stub[1] / "1.json")
+  assert rec["env"]["PROCESS_ID"] == "1"
+  assert rec["argv"] == ["-m", "launch.train", "--config", CONFIG, "--workdir", "/lustre/run"]
+  result = script("gpu.sh", "slurm", CONFIG, "/w")
+  assert result.returncode != 0 and "allocation" in result.stderr
+
+
+# --- local.sh ---
+
+def test_local_multiprocess_dry_run():
+  lines = commands(script("local.sh", "multiprocess", "2", CONFIG, "/tmp/run", "--config.x=1",
+                          env={"DEVICES_PER_PROCESS": "3", "XLA_FLAGS": "--xla_dump_to=/d"}))
+  assert len(lines) == 2
+  envs = [env_of(argv)[0] for argv in lines]
+  assert [e["PROCESS_ID"] for e in envs] == ["0", "1"]
+  assert all(e["NUM_PROCESSES"] == "2" and e["JAX_PLATFORMS"] == "cpu" for e in envs)
+  assert envs[0]["COORDINATOR_ADDRESS"] == envs[1]["COORDINATOR_ADDRESS"]
+  assert re.fullmatch(r"127\.0\.0\.1:\d+", envs[0]["COORDINATOR_ADDRESS"])
+  assert all(e["XLA_FLAGS"] == "--xla_dump_to=/d --xla_force_host_platform_device_count=3"
+             for e in envs)
+  for argv in lines:
+    assert env_of(argv)[1] == ["python3", "-m", "launch.train", "--config", CONFIG, "--workdir",
+                               "/tmp/run", "--config.x=1"]
+  (argv,) = commands(script("local.sh", "train", CONFIG, "/tmp/run"))
+  assert argv == ["python3", "-m", "launch.train", "--config", CONFIG, "--workdir", "/tmp/run"]
+  result = script("local.sh", "multiprocess", "two", CONFIG, "/tmp/run")
+  assert result.returncode != 0 and "process count" in result.stderr
+
+
+def test_local_multiprocess_runs_waits_and_stops_all_on_failure(tmp_path, stub):
+  env = {"PYTHON": str(stub[0]), "STUB_OUT": str(stub[1]), "PORT": "34567"}
+  ok = script("local.sh", "multiprocess", "3", CONFIG, str(tmp_path / "run"), dry=False,
+              env={**env, "STUB_MODE": "exit"})
+  assert ok.returncode == 0, ok.stderr
+  for i in range(3):
+    rec = json.loads((stub[1] / f"{i}.json").read_text())
+    assert rec["env"]["PROCESS_ID"] == str(i) and rec["env"]["NUM_PROCESSES"] == "3"
+    assert rec["env"]["COORDINATOR_ADDRESS"] == "127.0.0.1:34567"
+    assert rec["env"]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+    assert rec["cwd"] == str(REPO)
+  assert sorted(p.name for p in (tmp_path / "run" / "logs").iterdir()) == [
+      "process_1.log", "process_2.log"]
+
+  for p in stub[1].iterdir():
+    p.unlink()
+  start = time.time()
+  failed = script("local.sh", "multiprocess", "3", CONFIG, str(tmp_path / "run"), dry=False,
+                  env={**env, "STUB_MODE": "fail1"})
+  assert failed.returncode == 3 and "stopping the others" in failed.stderr
+  assert time.time() - start < 10  # the survivors (sleeping 30 s) were stopped
+  assert (stub[1] / "0.term").exists() and (stub[1] / "2.term").exists()
+  assert not (stub[1] / "1.term").exists()
