@@ -13,7 +13,6 @@ import os
 import jax
 from absl import app, flags
 
-from launch import checkpoint as checkpoint_lib
 from launch import distributed, trainer
 from launch import metrics as metrics_lib
 
@@ -25,21 +24,11 @@ _K = flags.DEFINE_integer("num_time_samples", None, "(t, eps) draws per example.
 _MAX = flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.")
 
 
-def load(workdir: str, step: int | None = None):
-  """(setup, state, step) restored from a workdir's checkpoint and saved config."""
-  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
-                            f"first with: python -m launch.train --config ... --workdir {workdir}")
-  config = ckpt.restore_config(step).unlock()
-  return config, ckpt
-
-
 def main(argv):
   del argv
   metrics_lib.setup_logging()
   distributed.initialize()
-  config, ckpt = load(_WORKDIR.value, _STEP.value)
+  config, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value)
   if _K.value:
     config.eval.num_time_samples = _K.value
   if _MAX.value is not None:

@@ -11,7 +11,6 @@ from absl import app, flags
 
 from launch import distributed, trainer
 from launch import metrics as metrics_lib
-from launch.evaluate import load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
@@ -27,7 +26,7 @@ def main(argv):
   del argv
   metrics_lib.setup_logging()
   distributed.initialize()
-  config, ckpt = load(_WORKDIR.value, _STEP.value)
+  config, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value)
   if _SAMPLER.value:
     config.eval.sampler = _SAMPLER.value
   setup = trainer.build(config)

@@ -118,12 +118,25 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng) -> dict:
   source = _source(config, split)
   if config.eval.max_examples:
     source = _Prefix(source, config.eval.max_examples)
-  terms = jax.jit(lambda p, b, r: setup.family.eval_terms(model_with(setup, p), b, r, config))
+  def terms_and_mask(p, b, r):
+    terms = setup.family.eval_terms(model_with(setup, p), b, r, config)
+    return dict(terms, mask=b["mask"])   # the global mask, as the terms cover every process
+  # Replicated outputs, so that every process can read all examples' terms.
+  terms = jax.jit(terms_and_mask, out_shardings=mesh_lib.replicated(setup.mesh))
   batches = pipeline.epoch_iterator(source, global_batch_size=config.eval.batch_size)
   num_dims = math.prod(source.image_shape)
   return likelihood.vlb_bits_per_dim(
       lambda b, r: terms(params, put_batch(setup, b), r), batches, rng,
       num_time_samples=config.eval.num_time_samples, num_dims=num_dims)
+
+
+def load_workdir(workdir: str, step: int | None = None):
+  """(config, checkpointer) of a trained workdir: the config saved beside the checkpoint."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+                            f"first with: python -m launch.train --config ... --workdir {workdir}")
+  return ckpt.restore_config(step).unlock(), ckpt
 
 
 class _Prefix:

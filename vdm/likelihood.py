@@ -25,7 +25,8 @@ def vlb_bits_per_dim(per_example_terms: Callable, batches: Iterable[dict], rng, 
                      ) -> dict:
   """Full-pass VLB in bits/dim.
 
-  per_example_terms(batch, rng) -> {"recon", "prior", "diffusion"}: arrays [B] in nats.
+  per_example_terms(batch, rng) -> {"recon", "prior", "diffusion"}: arrays [B] in nats,
+    optionally with "mask" [B] (then used instead of batch["mask"]).
   Returns {"bpd", "bpd_stderr", "bpd_recon", "bpd_prior", "bpd_diffusion", "num_examples"}.
   """
   if num_time_samples < 1:
@@ -38,6 +39,8 @@ def vlb_bits_per_dim(per_example_terms: Callable, batches: Iterable[dict], rng, 
     for k in range(num_time_samples):
       key = jax.random.fold_in(jax.random.fold_in(rng, i), k)
       terms = jax.device_get(per_example_terms(batch, key))
+      # Under several processes the terms cover the global batch: they carry its mask.
+      mask = np.asarray(terms.get("mask", mask), bool)
       for name in TERMS:
         sums[name] = sums[name] + np.asarray(terms[name], np.float64)
     for name in TERMS:
