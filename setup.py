@@ -25,7 +25,10 @@ setup(
         "sentencepiece==0.2.3",
         "absl-py==2.5.1",
     ],
-    extras_require={"test": ["pytest==9.0.3"]},
+    extras_require={
+        # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).
+        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1"],
+    },
     entry_points={
         "console_scripts": [
             "vdiff-train=launch.train:run",
