@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128, num_steps=10_000_000, grad_accum=1, compute_dtype="float32",
       nan_policy="error",             # error: stop with a message; skip: drop the update
       log_every=100, eval_every=10_000, sample_every=10_000, checkpoint_every=5_000,
-      keep_checkpoints=3, synthetic_data=False))
+      keep_checkpoints=3))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=256, num_time_samples=1, num_samples=64, sample_steps=256, sampler="ddim",
