@@ -1,0 +1,117 @@
+"""The VDM score network (Kingma et al. 2021, google-research/vdm `ScoreUNet`).
+
+A U-Net without down/up-sampling: every block runs at the input resolution, which is what
+VDM uses for likelihood on CIFAR-10 (n_layer=32, 128 channels). Input conditioning:
+
+  time:   t_in = (gamma - gamma_min) / (gamma_max - gamma_min), gamma = -logsnr,
+          emb = Dense(swish(Dense(sinusoidal(1000 t_in, ch)))), width 4 ch;
+          plus a learned class embedding when num_classes is set.
+  pixels: concat(z, fourier_features(z, range(fourier_min, fourier_max + 1))) (VDM app. C).
+
+With `base_measure=True` (eps-parameterization only) the output is z + h, h from a
+zero-initialised conv, so at initialisation eps-hat = z exactly, as in VDM's code.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vdm.nets import layers
+
+
+class ScoreUNet(nnx.Module):
+  """VDM score U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)` -> like z.
+
+  Args:
+    channels: image channels C of z (input and output).
+    ch: width n_embd of every block; the embedding is 4 * ch wide.
+    n_layer: number of down ResNet blocks (n_layer + 1 up blocks consume the skips).
+    dropout: dropout rate inside the ResNet blocks (active only with a dropout_key).
+    with_attention: self-attention after every down/up block (the middle block always has
+      one).
+    num_heads: attention heads (VDM uses 1).
+    fourier_min, fourier_max: inclusive exponent range of the Fourier features; set
+      fourier_max < fourier_min (or use_fourier=False) to disable them.
+    use_fourier: whether to append Fourier features of z.
+    gamma_min, gamma_max: the range used to normalise gamma = -logsnr to t_in.
+    num_classes: if set, cond["label"] (int [B]) selects a class embedding added to the
+      time embedding; label -1 or num_classes, or no label at all, is the null class.
+    base_measure: return z + net(z) (eps-parameterization only).
+    dtype: compute dtype (params stay float32; norms and embeddings are float32).
+  """
+
+  def __init__(self, *, channels: int = 3, ch: int = 128, n_layer: int = 32,
+               dropout: float = 0.0, with_attention: bool = False, num_heads: int = 1,
+               fourier_min: int = 6, fourier_max: int = 7, use_fourier: bool = True,
+               gamma_min: float = -13.3, gamma_max: float = 5.0,
+               num_classes: int | None = None, base_measure: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if gamma_max <= gamma_min:
+      raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+    if n_layer < 0:
+      raise ValueError(f"n_layer must be >= 0, got {n_layer}")
+    self.channels, self.ch, self.dtype = channels, ch, dtype
+    self.gamma_min, self.gamma_max = gamma_min, gamma_max
+    self.base_measure = base_measure
+    self.exponents = tuple(range(fourier_min, fourier_max + 1)) if use_fourier else ()
+    emb_dim = 4 * ch
+
+    self.temb = layers.EmbeddingMLP(ch, emb_dim, dtype=dtype, rngs=rngs)
+    self.class_emb = (layers.ClassEmbedding(num_classes, emb_dim, rngs=rngs)
+                      if num_classes is not None else None)
+
+    in_ch = channels * (1 + 2 * len(self.exponents))
+    self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
+
+    block = lambda cin: layers.ResBlock(cin, ch, emb_dim, dropout=dropout, dtype=dtype,
+                                        rngs=rngs)
+    attn = lambda: (layers.AttentionBlock(ch, num_heads=num_heads, dtype=dtype, rngs=rngs)
+                    if with_attention else None)
+    self.down = nnx.List([block(ch) for _ in range(n_layer)])
+    self.down_attn = nnx.List([attn() for _ in range(n_layer)])
+    self.mid1 = block(ch)
+    self.mid_attn = layers.AttentionBlock(ch, num_heads=num_heads, dtype=dtype, rngs=rngs)
+    self.mid2 = block(ch)
+    self.up = nnx.List([block(2 * ch) for _ in range(n_layer + 1)])
+    self.up_attn = nnx.List([attn() for _ in range(n_layer + 1)])
+    self.norm_out = layers.GroupNorm(ch, rngs=rngs)
+    self.conv_out = layers.conv(ch, channels, zero_init=True, dtype=dtype, rngs=rngs)
+
+  def embedding(self, logsnr, cond: dict):
+    """The [B, 4 ch] conditioning embedding from logsnr and an optional class label."""
+    gamma = -logsnr
+    t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    emb = self.temb(layers.sinusoidal_embedding(1000. * t_in, self.ch).astype(self.dtype))
+    if self.class_emb is not None:
+      label = cond.get("label", self.class_emb.null_labels(logsnr.shape[0]))
+      emb = emb + self.class_emb(label, logsnr.shape[0]).astype(emb.dtype)
+    return emb
+
+  def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
+    logsnr = layers.check_inputs(z, logsnr, self.channels, "ScoreUNet")
+    allowed = ("label",) if self.class_emb is not None else ()
+    cond = layers.check_cond_keys(cond, allowed, "ScoreUNet")
+    emb = self.embedding(logsnr, cond)
+
+    h = z
+    if self.exponents:
+      h = jnp.concatenate([z, layers.fourier_features(z, self.exponents)], axis=-1)
+    n_blocks = len(self.down) + 2 + len(self.up)
+    keys = iter(layers.split_key(dropout_key, n_blocks))
+
+    hs = [self.conv_in(h.astype(self.dtype))]
+    for block, attn in zip(self.down, self.down_attn):
+      h = block(hs[-1], emb, dropout_key=next(keys))
+      hs.append(h if attn is None else attn(h))
+
+    h = self.mid1(hs[-1], emb, dropout_key=next(keys))
+    h = self.mid_attn(h)
+    h = self.mid2(h, emb, dropout_key=next(keys))
+
+    for block, attn in zip(self.up, self.up_attn):
+      h = block(jnp.concatenate([h, hs.pop()], axis=-1), emb, dropout_key=next(keys))
+      h = h if attn is None else attn(h)
+    assert not hs
+
+    h = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
+    return z + h if self.base_measure else h
