@@ -20,12 +20,14 @@ class Family:
   """build_model(config, source, rngs) -> nnx.Module
   loss_and_grads(graphdef, params, batch, rng, config) -> (loss, metrics, grads)
   eval_terms(model, batch, rng, config) -> {"recon", "prior", "diffusion"} nats per example
+  ode_terms(model, batch, rng, config, **options) -> {"ode"}: nats per example (or None)
   sample(model, rng, num, config, *, num_steps) -> int images [num, H, W, C]
   batch_keys: which loader fields go to the device."""
   build_model: Callable
   loss_and_grads: Callable
   eval_terms: Callable
   sample: Callable
+  ode_terms: Callable | None = None
   batch_keys: tuple = ("image", "label")
 
 
@@ -53,6 +55,7 @@ VDM = Family(
     loss_and_grads=lambda g, p, b, r, c: vdm_experiment.loss_and_grads(g, p, b, r, c.model),
     eval_terms=lambda m, b, r, c: vdm_experiment.per_example_vlb(m, b, r, c.model),
     sample=_vdm_sample,
+    ode_terms=lambda m, b, r, c, **kw: vdm_experiment.per_example_ode_nll(m, b, r, c.model, **kw),
 )
 
 FAMILIES = {"vdm": VDM}

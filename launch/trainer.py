@@ -112,14 +112,24 @@ def model_with(setup: Setup, params):
 # ------------------------------------------------------------------ evaluation and sampling
 
 
-def evaluate_bpd(setup: Setup, params, *, split: str, rng) -> dict:
-  """Full-pass bits/dim of a split with the given (usually EMA) params."""
+def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
+                 **ode_options) -> dict:
+  """Full-pass bits/dim of a split with the given (usually EMA) params, from the VLB or (method
+  "ode") the probability-flow ODE with options num_steps and hutchinson."""
   config = setup.config
   source = _source(config, split)
   if config.eval.max_examples:
     source = _Prefix(source, config.eval.max_examples)
+  if method == "vlb":
+    per_example, term_names = setup.family.eval_terms, likelihood.TERMS
+  elif method == "ode" and setup.family.ode_terms is not None:
+    per_example = lambda m, b, r, c: setup.family.ode_terms(m, b, r, c, **ode_options)
+    term_names = ("ode",)
+  else:
+    raise ValueError(f"unknown likelihood method {method!r} for family {config.family!r}")
+
   def terms_and_mask(p, b, r):
-    terms = setup.family.eval_terms(model_with(setup, p), b, r, config)
+    terms = per_example(model_with(setup, p), b, r, config)
     return dict(terms, mask=b["mask"])   # the global mask, as the terms cover every process
   # Replicated outputs, so that every process can read all examples' terms.
   terms = jax.jit(terms_and_mask, out_shardings=mesh_lib.replicated(setup.mesh))
@@ -127,7 +137,7 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng) -> dict:
   num_dims = math.prod(source.image_shape)
   return likelihood.vlb_bits_per_dim(
       lambda b, r: terms(params, put_batch(setup, b), r), batches, rng,
-      num_time_samples=config.eval.num_time_samples, num_dims=num_dims)
+      num_time_samples=config.eval.num_time_samples, num_dims=num_dims, terms=term_names)
 
 
 def load_workdir(workdir: str, step: int | None = None):
@@ -197,6 +207,7 @@ def _compile_step(setup: Setup, example_batch: dict):
 
 
 def _nonfinite_error(step, metrics, ckpt):
+  ckpt.wait()  # commit the in-flight async save: the raise would otherwise lose that step
   return FloatingPointError(
       f"Non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}). The update "
       f"was not applied and no checkpoint contains it; the latest checkpoint is step "

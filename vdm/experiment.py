@@ -4,7 +4,8 @@ This is what the generic trainer in `launch/` receives from the VDM family:
   - `build_model(model_config, num_levels, image_shape, rngs)` -> `VDM` module;
   - `loss_and_grads(graphdef, params, batch, rng, config)` -> (loss, metrics, grads);
   - `per_example_vlb(model, batch, rng, config)` -> the three VLB terms per example (nats),
-    for the full-pass bits/dim evaluation in `vdm.likelihood`;
+    for the full-pass bits/dim evaluation in `vdm.likelihood`; `per_example_ode_nll`, the
+    same from the probability-flow ODE;
   - `sample(model, rng, num, ...)` -> integer images.
 Nothing here imports `launch/`: it is arrays and parameters only.
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import losses, process, samplers, schedules
+from vdm import losses, ode_likelihood, process, samplers, schedules
 from vdm.nets.score_unet import ScoreUNet
 from vdm.nets.unet import UNet
 
@@ -144,6 +145,17 @@ def per_example_vlb(model: VDM, batch, rng, cfg, *, dropout_key=None) -> dict:
   sched = _schedule_values(model.schedule, t, cfg.num_steps_train)
   return _vlb_terms(model, batch["image"], sched, eps, eps_0, _cond(batch, cfg), cfg,
                     dropout_key)
+
+
+def per_example_ode_nll(model: VDM, batch, rng, cfg, *, num_steps: int = 100,
+                        hutchinson: str = "rademacher") -> dict:
+  """Negative log-likelihood (nats) of the discrete data from the probability-flow ODE, with
+  uniform dequantization: {"ode": [B]}; compare with the VLB of `per_example_vlb`."""
+  out = ode_likelihood.ode_bits_per_dim(
+      lambda z, lam, c: model.denoise(z, lam, c), model.logsnr, batch["image"], rng,
+      num_levels=model.num_levels, num_steps=num_steps, hutchinson=hutchinson,
+      cond=_cond(batch, cfg))
+  return {"ode": out["nll_nats"]}
 
 
 def _objective(terms, cfg):
