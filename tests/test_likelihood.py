@@ -50,3 +50,21 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="num_time_samples"):
     likelihood.vlb_bits_per_dim(lambda b, k: {}, [], jax.random.key(0), num_time_samples=0,
                                 num_dims=1)
+
+
+def test_mask_from_the_terms_and_custom_term_names():
+  """Multi-process evaluation: the jitted function returns the global mask with its values."""
+  nats = np.array([[4.0, 8.0, 99.0], [6.0, 99.0, 99.0]])
+  batches = [{"mask": np.array([True, True, True])}, {"mask": np.array([True, True, True])}]
+  masks = [np.array([True, True, False]), np.array([True, False, False])]
+  calls = iter(range(2))
+
+  def terms(batch, key):
+    i = next(calls)
+    return {"ode": nats[i], "mask": masks[i]}
+
+  out = likelihood.vlb_bits_per_dim(terms, batches, jax.random.key(0), num_time_samples=1,
+                                    num_dims=1, terms=("ode",))
+  assert out["num_examples"] == 3
+  assert out["bpd"] == pytest.approx(np.mean([4.0, 8.0, 6.0]) / math.log(2))
+  assert out["bpd_ode"] == pytest.approx(out["bpd"])

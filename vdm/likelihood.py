@@ -39,11 +39,11 @@ def vlb_bits_per_dim(per_example_terms: Callable, batches: Iterable[dict], rng, 
     sums = {name: 0.0 for name in terms}
     for k in range(num_time_samples):
       key = jax.random.fold_in(jax.random.fold_in(rng, i), k)
-      terms = jax.device_get(per_example_terms(batch, key))
-      # Under several processes the terms cover the global batch: they carry its mask.
-      mask = np.asarray(terms.get("mask", mask), bool)
+      values = jax.device_get(per_example_terms(batch, key))
+      # Under several processes the values cover the global batch: they carry its mask.
+      mask = np.asarray(values.get("mask", mask), bool)
       for name in terms:
-        sums[name] = sums[name] + np.asarray(terms[name], np.float64)
+        sums[name] = sums[name] + np.asarray(values[name], np.float64)
     for name in terms:
       per_term[name].append(sums[name][mask] / num_time_samples)
     if progress is not None:
