@@ -33,13 +33,9 @@ def main(argv):
   del argv
   metrics_lib.setup_logging()
   distributed.initialize()
-  config, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value)
-  if _K.value:
-    config.eval.num_time_samples = _K.value
-  if _MAX.value is not None:
-    config.eval.max_examples = _MAX.value
-  setup = trainer.build(config)
-  state, _ = ckpt.restore(setup.abstract_state, _STEP.value)
+  setup, state, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value, {
+      "eval.num_time_samples": _K.value, "eval.max_examples": _MAX.value})
+  config = setup.config
   step = int(jax.device_get(state["step"]))
   split = _SPLIT.value or config.data.eval_split
   result = trainer.evaluate_bpd(setup, state["ema" if _EMA.value else "params"], split=split,

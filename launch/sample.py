@@ -26,11 +26,9 @@ def main(argv):
   del argv
   metrics_lib.setup_logging()
   distributed.initialize()
-  config, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value)
-  if _SAMPLER.value:
-    config.eval.sampler = _SAMPLER.value
-  setup = trainer.build(config)
-  state, _ = ckpt.restore(setup.abstract_state, _STEP.value)
+  setup, state, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value,
+                                            {"eval.sampler": _SAMPLER.value})
+  config = setup.config
   step = int(jax.device_get(state["step"]))
   samples = trainer.sample_images(setup, state["ema"], jax.random.key(_SEED.value),
                                   num=_NUM.value, num_steps=_STEPS.value)

@@ -140,13 +140,24 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
       num_time_samples=config.eval.num_time_samples, num_dims=num_dims, terms=term_names)
 
 
-def load_workdir(workdir: str, step: int | None = None):
-  """(config, checkpointer) of a trained workdir: the config saved beside the checkpoint."""
+def load_workdir(workdir: str, step: int | None = None, overrides: dict | None = None):
+  """(setup, state, checkpointer) of a trained workdir, rebuilt from the config saved beside
+  its checkpoint; `overrides` ({"eval.sampler": "ancestral", ...}) change that config first."""
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
                             f"first with: python -m launch.train --config ... --workdir {workdir}")
-  return ckpt.restore_config(step).unlock(), ckpt
+  config = ckpt.restore_config(step).unlock()
+  for key, value in (overrides or {}).items():
+    if value is not None:
+      *parents, leaf = key.split(".")
+      node = config
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  setup = build(config)
+  state, _ = ckpt.restore(setup.abstract_state, step)
+  return setup, state, ckpt
 
 
 class _Prefix:

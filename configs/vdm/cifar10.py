@@ -6,7 +6,7 @@ r"""VDM on CIFAR-10, the paper's values (Kingma et al. 2021, appendix B).
 Needs cifar10 prepared as ArrayRecord under $TFDS_DATA_DIR (see README, "Datasets").
 """
 
-from configs.vdm.common import base_config
+from configs.vdm.common import base_config, make_runlocal
 
 
 def get_config(arg=None):
@@ -20,10 +20,5 @@ def get_config(arg=None):
   c.train.update(dict(batch_size=128, num_steps=10_000_000))
   c.eval.update(dict(batch_size=512, num_time_samples=1))
   if arg == "runlocal":
-    c.data.name = "synthetic:32x32x3"
-    c.model.score_unet.update(dict(ch=8, n_layer=1))
-    c.model.schedule.n_features = 8
-    c.train.update(dict(batch_size=8, num_steps=4, log_every=2, eval_every=4, sample_every=4,
-                        checkpoint_every=2))
-    c.eval.update(dict(batch_size=8, num_samples=4, sample_steps=4, max_examples=16))
+    make_runlocal(c, "synthetic:32x32x3")
   return c

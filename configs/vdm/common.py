@@ -54,3 +54,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       ici=(-1, 1, 1), dcn=(1, 1, 1), rules="data_parallel"))
   return c
+
+
+def make_runlocal(c: ml_collections.ConfigDict, data_name: str | None = None):
+  """The `:runlocal` smoke variant: a tiny model and a few steps, seconds on a CPU."""
+  if data_name:
+    c.data.name = data_name
+  c.model.score_unet.update(dict(ch=8, n_layer=1))
+  c.model.schedule.n_features = 8
+  c.train.update(dict(batch_size=8, num_steps=4, log_every=2, eval_every=4, sample_every=4,
+                      checkpoint_every=2))
+  c.eval.update(dict(batch_size=8, num_samples=4, sample_steps=4, max_examples=16))
+  return c
+
+
+def imagenet_config(resolution: int, arg=None) -> ml_collections.ConfigDict:
+  """VDM on downsampled ImageNet at 32 or 64 (Kingma et al. 2021, appendix B)."""
+  c = base_config()
+  c.data.update(dict(name=f"downsampled_imagenet/{resolution}x{resolution}",
+                     train_split="train", eval_split="validation"))
+  c.model.schedule.update(dict(name="learned_net", logsnr_min=-5.0, logsnr_max=13.3))
+  c.model.score_unet.update(dict(ch=256, n_layer=32, dropout=0.0, fourier_min=6,
+                                 fourier_max=7))
+  c.optim.update(dict(lr=2e-4, warmup_steps=0, b2=0.99, weight_decay=0.01, ema_decay=0.9999))
+  c.train.update(dict(batch_size=512, num_steps=2_000_000))
+  c.eval.update(dict(batch_size=512))
+  if arg == "runlocal":
+    make_runlocal(c, f"synthetic:{resolution}x{resolution}x3")
+  return c
