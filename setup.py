@@ -7,6 +7,7 @@ setup(
     description="VDM, Imagen and diffusion distillation in JAX/Flax NNX, sharded from one CPU to a TPU pod",
     python_requires=">=3.11",
     packages=find_packages(include=["vdm*", "imagen*", "distill*", "launch*", "configs*"]),
+    package_data={"imagen": ["assets/*.model"], "launch": ["scripts/*.sh"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -27,13 +28,15 @@ setup(
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).
-        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1"],
+        # transformers: the PyTorch T5 encoder and tokenizer our T5 is checked against.
+        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
     },
     entry_points={
         "console_scripts": [
             "vdiff-train=launch.train:run",
             "vdiff-evaluate=launch.evaluate:run",
             "vdiff-sample=launch.sample:run",
+            "vdiff-encode-text=launch.encode_text:run",
         ],
     },
 )
