@@ -10,7 +10,6 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from vdm import experiment as vdm_experiment
 

@@ -32,7 +32,6 @@ size, pixel for pixel.
 
 import json
 import os
-import re
 import zlib
 
 import numpy as np
@@ -102,59 +101,6 @@ def _nested_feature(features, key: str):
   return unwrap(feature)
 
 
-def _prepared_dir(name: str, data_dir: str) -> str | None:
-  """data_dir/name[/config]/<latest version> holding dataset_info.json, or None.
-
-  "coco_captions" alone finds its single config directory (coco_captions/2014/...); with
-  several configs the name must say which ("coco_captions/2017").
-  """
-  def latest(root):
-    if not os.path.isdir(root):
-      return None
-    versions = [v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v) and
-                os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
-    if not versions:
-      return None
-    return os.path.join(root, max(versions, key=lambda v: tuple(map(int, v.split(".")))))
-
-  root = os.path.join(data_dir, *name.split("/"))
-  found = latest(root)
-  if found or "/" in name or not os.path.isdir(root):
-    return found
-  configs = {c: latest(os.path.join(root, c)) for c in sorted(os.listdir(root))}
-  configs = {c: d for c, d in configs.items() if d}
-  if len(configs) > 1:
-    raise ValueError(f"dataset {name!r} in {data_dir!r} has configs {sorted(configs)}: name "
-                     f"one, e.g. '{name}/{next(iter(configs))}'")
-  return next(iter(configs.values()), None)
-
-
-def _open_builder(name: str, data_dir: str):
-  """The builder of a prepared ArrayRecord dataset, read from its files.
-
-  `tfds.builder` would run the dataset's builder code, and some (coco_captions) import
-  TensorFlow: a prepared directory is read with `tfds.builder_from_directory` instead,
-  which needs only dataset_info.json. Anything else gets tfds_source's errors.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
-  prepared = _prepared_dir(name, data_dir)
-  if prepared is None:
-    try:
-      return tfds_source._open_builder(name, data_dir)  # pylint: disable=protected-access
-    except (ImportError, RuntimeError) as e:  # builder code that needs TensorFlow
-      raise FileNotFoundError(
-          f"dataset {name!r} is not prepared in data_dir {data_dir!r} (from the data_dir "
-          f"argument, else ${tfds_source.ENV_VAR}, else ~/tensorflow_datasets).\n" +
-          tfds_source.prepare_instructions(name, data_dir)) from e
-  builder = tfds.builder_from_directory(prepared)
-  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
-  if file_format != "array_record":
-    raise ValueError(f"dataset {name!r} in {prepared} is stored as {file_format!r}, which "
-                     "has no random access; rebuild it with --file_format=array_record.\n"
-                     + tfds_source.prepare_instructions(name, data_dir))
-  return builder
-
-
 def _nested_value(record, key: str):
   for part in key.split("/"):
     record = record[part]
@@ -183,7 +129,7 @@ class TfdsCaptionSource:
     choose_caption(["x"], 0, caption_choice)  # validates caption_choice early
     self.image_size = _check_image_size(image_size)
     self.data_dir = tfds_source.resolve_data_dir(data_dir)
-    builder = _open_builder(name, self.data_dir)
+    builder = tfds_source.open_builder(name, self.data_dir)
     features = builder.info.features
     image_feature = _nested_feature(features, self.image_key)
     if image_feature is None or np.dtype(image_feature.np_dtype) != np.uint8:

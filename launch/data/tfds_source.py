@@ -17,6 +17,7 @@ then copy /some/dir/cifar10 next to the other datasets and point TFDS_DATA_DIR a
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -42,8 +43,8 @@ def prepare_instructions(name: str, data_dir: str) -> str:
           f"way if they were written with file_format='array_record'.")
 
 
-def _open_builder(name: str, data_dir: str):
-  """The tfds builder of a prepared ArrayRecord dataset, or a clear error."""
+def _registered_builder(name: str, data_dir: str):
+  """The builder of a registered tfds dataset (runs its builder code), or a clear error."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
   where = f"in data_dir {data_dir!r} (from the data_dir argument, else ${ENV_VAR}, " \
           f"else ~/tensorflow_datasets)"
@@ -67,6 +68,59 @@ def _open_builder(name: str, data_dir: str):
   return builder
 
 
+def _prepared_dir(name: str, data_dir: str) -> str | None:
+  """data_dir/name[/config]/<latest version> holding dataset_info.json, or None.
+
+  "coco_captions" alone finds its single config directory (coco_captions/2014/...); with
+  several configs the name must say which ("coco_captions/2017").
+  """
+  def latest(root):
+    if not os.path.isdir(root):
+      return None
+    versions = [v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v) and
+                os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
+    if not versions:
+      return None
+    return os.path.join(root, max(versions, key=lambda v: tuple(map(int, v.split(".")))))
+
+  root = os.path.join(data_dir, *name.split("/"))
+  found = latest(root)
+  if found or "/" in name or not os.path.isdir(root):
+    return found
+  configs = {c: latest(os.path.join(root, c)) for c in sorted(os.listdir(root))}
+  configs = {c: d for c, d in configs.items() if d}
+  if len(configs) > 1:
+    raise ValueError(f"dataset {name!r} in {data_dir!r} has configs {sorted(configs)}: name "
+                     f"one, e.g. '{name}/{next(iter(configs))}'")
+  return next(iter(configs.values()), None)
+
+
+def open_builder(name: str, data_dir: str):
+  """The builder of a prepared ArrayRecord dataset, read from its files.
+
+  `tfds.builder` would run the dataset's builder code, and some (coco_captions) import
+  TensorFlow: a prepared directory is read with `tfds.builder_from_directory` instead,
+  which needs only dataset_info.json. Anything else gets tfds_source's errors.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  prepared = _prepared_dir(name, data_dir)
+  if prepared is None:
+    try:
+      return _registered_builder(name, data_dir)
+    except (ImportError, RuntimeError) as e:  # builder code that needs TensorFlow
+      raise FileNotFoundError(
+          f"dataset {name!r} is not prepared in data_dir {data_dir!r} (from the data_dir "
+          f"argument, else ${ENV_VAR}, else ~/tensorflow_datasets).\n" +
+          prepare_instructions(name, data_dir)) from e
+  builder = tfds.builder_from_directory(prepared)
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if file_format != "array_record":
+    raise ValueError(f"dataset {name!r} in {prepared} is stored as {file_format!r}, which "
+                     "has no random access; rebuild it with --file_format=array_record.\n"
+                     + prepare_instructions(name, data_dir))
+  return builder
+
+
 class TfdsSource:
   """Random-access source over one split of a tfds ArrayRecord image dataset.
 
@@ -83,7 +137,7 @@ class TfdsSource:
     self.name = name
     self.split = split
     self.data_dir = resolve_data_dir(data_dir)
-    builder = _open_builder(name, self.data_dir)
+    builder = open_builder(name, self.data_dir)
     features = builder.info.features
     if image_key not in features:
       raise KeyError(f"dataset {name!r} has no image feature {image_key!r}; its features "
