@@ -185,7 +185,8 @@ def t5_text_encoder(encoder, tokenizer, identity: dict) -> TextEncoder:
 
 def load_text_encoder(spec: str, *, max_length: int = 128, tokenizer: str | None = None,
                       seed: int = 0) -> TextEncoder:
-  """A TextEncoder from "hf:/dir" (a Hugging Face T5 checkpoint) or a preset name.
+  """A TextEncoder from "hf:/dir" (a Hugging Face T5 checkpoint), "t5x:/dir@preset" (a T5X
+  checkpoint of that size, e.g. t5x:/ckpts/t5_1_1_xxl/checkpoint_1000000@xxl) or a preset name.
 
   A preset ("tiny", "small", ...) is a RANDOM encoder, logged as the offline default;
   its tokenizer defaults to the offline digits vocabulary. A checkpoint's tokenizer
@@ -205,6 +206,17 @@ def load_text_encoder(spec: str, *, max_length: int = 128, tokenizer: str | None
     tok = tok_lib.load_tokenizer(tokenizer or directory, max_length)
     identity = {"t5": f"hf:{os.path.basename(os.path.normpath(directory))}", "random": False,
                 "files": _checkpoint_fingerprint(directory)}
+  elif spec.startswith("t5x:"):
+    from imagen import t5_checkpoints  # pylint: disable=g-import-not-at-top
+    path, _, preset = spec[len("t5x:"):].partition("@")
+    if not tokenizer:
+      raise ValueError("a T5X checkpoint has no tokenizer beside it: pass --tokenizer "
+                       "/path/to/spiece.model (e.g. gs://t5-data/vocabs/cc_all.32000/"
+                       "sentencepiece.model copied locally)")
+    encoder = t5_checkpoints.load_t5x(path, t5.T5Config.preset(preset or "xxl"))
+    tok = tok_lib.load_tokenizer(tokenizer, max_length)
+    identity = {"t5": f"t5x:{os.path.basename(os.path.normpath(path))}@{preset or 'xxl'}",
+                "random": False}
   else:
     config = t5.T5Config.preset(spec)  # raises on unknown names
     logging.warning(RANDOM_WARNING.format(preset=spec, seed=seed))
@@ -474,8 +486,9 @@ def define_flags(flag_values=None):
   flags.DEFINE_string("split", "train", "Split to encode.", **fv)
   flags.DEFINE_string("out", None, "Cache directory.", required=True, **fv)
   flags.DEFINE_string("data_dir", None, "tfds data_dir (default $TFDS_DATA_DIR).", **fv)
-  flags.DEFINE_string("t5", "tiny", "hf:/dir for a Hugging Face T5 checkpoint, or a preset "
-                      "name for a RANDOM encoder (tiny: the offline default).", **fv)
+  flags.DEFINE_string("t5", "tiny", "hf:/dir for a Hugging Face T5 checkpoint, t5x:/dir@xxl "
+                      "for a T5X one, or a preset name for a RANDOM encoder (tiny: the "
+                      "offline default).", **fv)
   flags.DEFINE_string("tokenizer", None, "'default' (offline digits vocabulary) or a "
                       "sentencepiece .model path; default: the checkpoint's spiece.model, or "
                       "'default' for random presets.", **fv)

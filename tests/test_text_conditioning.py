@@ -61,3 +61,8 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="no text encoder"):
     text_conditioning.text_embeddings({"input_ids": np.zeros((1, 4), np.int32),
                                        "attention_mask": np.ones((1, 4), np.int32)})
+
+
+def test_t5x_spec_needs_a_tokenizer():
+  with pytest.raises(ValueError, match="--tokenizer"):
+    encode_text.load_text_encoder("t5x:/nonexistent@tiny")
