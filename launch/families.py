@@ -8,6 +8,7 @@ trainer.
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,13 +21,17 @@ class Family:
   loss_and_grads(graphdef, params, batch, rng, config) -> (loss, metrics, grads)
   eval_terms(model, batch, rng, config) -> {"recon", "prior", "diffusion"} nats per example
   ode_terms(model, batch, rng, config, **options) -> {"ode"}: nats per example (or None)
-  sample(model, rng, num, config, *, num_steps) -> int images [num, H, W, C]
+  sample(model, rng, batch, config, *, num_steps) -> int images [B, H, W, C], one per example
+    of `batch` (eval examples that carry the conditioning: labels, text)
+  eval_terms: None when the family has no likelihood (then training evaluates by samples)
+  wrap_source(config, source, split, workdir) -> source, e.g. adding cached text embeddings
   batch_keys: which loader fields go to the device."""
   build_model: Callable
   loss_and_grads: Callable
-  eval_terms: Callable
   sample: Callable
+  eval_terms: Callable | None = None
   ode_terms: Callable | None = None
+  wrap_source: Callable | None = None
   batch_keys: tuple = ("image", "label")
 
 
@@ -43,8 +48,9 @@ def _vdm_build(config, source, rngs):
                                     dtype=_compute_dtype(config))
 
 
-def _vdm_sample(model, rng, num, config, *, num_steps):
-  labels = (jnp.arange(num) % config.model.num_classes) if config.model.num_classes else None
+def _vdm_sample(model, rng, batch, config, *, num_steps):
+  num = batch["image"].shape[0]
+  labels = batch["label"] if config.model.num_classes else None
   return vdm_experiment.sample(model, rng, num, num_steps=num_steps,
                                sampler=config.eval.sampler, labels=labels)
 
@@ -57,7 +63,60 @@ VDM = Family(
     ode_terms=lambda m, b, r, c, **kw: vdm_experiment.per_example_ode_nll(m, b, r, c.model, **kw),
 )
 
-FAMILIES = {"vdm": VDM}
+# ------------------------------------------------------------------------------- Imagen
+
+
+def _imagen_wrap_source(config, source, split, workdir):
+  """Adds cached T5 embeddings of the captions, encoding them once if no cache exists yet
+  (config.data.text_cache, default WORKDIR/text_cache; config.data.t5 names the encoder)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from launch import encode_text  # pylint: disable=g-import-not-at-top
+  cache_dir = config.data.text_cache or (os.path.join(workdir, "text_cache") if workdir else "")
+  if not cache_dir:
+    raise ValueError("Imagen stages need text embeddings: set data.text_cache to a cache made "
+                     "by `python -m launch.encode_text`, or pass a workdir to build one there")
+  if not os.path.exists(encode_text.manifest_path(cache_dir, split)):
+    text_encoder = encode_text.load_text_encoder(config.data.t5,
+                                                 max_length=config.data.max_length)
+    encode_text.encode_split(source, cache_dir, split, text_encoder,
+                             captions_name=config.data.name)
+  return encode_text.WithTextEmbeddings(source, encode_text.EmbeddingCache(cache_dir, split))
+
+
+def _imagen_build(config, source, rngs):
+  from imagen import experiment as imagen_experiment  # pylint: disable=g-import-not-at-top
+  return imagen_experiment.build_model(config.model, source.num_levels, source.image_shape,
+                                       rngs, dtype=_compute_dtype(config))
+
+
+def _imagen_loss_and_grads(graphdef, params, batch, rng, config):
+  from imagen import experiment as imagen_experiment  # pylint: disable=g-import-not-at-top
+  return imagen_experiment.loss_and_grads(graphdef, params, batch, rng, config.model)
+
+
+def _imagen_sample(model, rng, batch, config, *, num_steps):
+  """One stage's samples for the batch's captions; an SR stage is given the real images
+  downsampled to its input resolution (so each stage is judged on its own)."""
+  from imagen import experiment as imagen_experiment  # pylint: disable=g-import-not-at-top
+  from vdm import losses  # pylint: disable=g-import-not-at-top
+  k_cond, k_sample = jax.random.split(rng)
+  cond = imagen_experiment.stage_cond(model, batch, k_cond, config.model, train=False)
+  x = imagen_experiment.sample(model, k_sample, cond, batch["image"].shape[0],
+                               num_steps=num_steps, guidance_w=config.eval.guidance_w,
+                               sampler=config.eval.sampler, threshold=config.eval.threshold,
+                               percentile=config.eval.percentile)
+  return losses.x_to_int(x, model.num_levels)
+
+
+IMAGEN = Family(
+    build_model=_imagen_build,
+    loss_and_grads=_imagen_loss_and_grads,
+    sample=_imagen_sample,
+    wrap_source=_imagen_wrap_source,
+    batch_keys=("image", "label", "text_emb", "text_mask"),
+)
+
+FAMILIES = {"vdm": VDM, "imagen": IMAGEN}
 
 
 def get_family(name: str) -> Family:

@@ -37,6 +37,7 @@ class Setup:
   tx: object
   abstract_state: dict      # ShapeDtypeStruct leaves carrying their shardings
   state_shardings: dict
+  workdir: str | None = None
 
 
 def _check_config(config):
@@ -48,20 +49,23 @@ def _check_config(config):
                      f"{config.train.nan_policy!r}")
 
 
-def _source(config, split):
-  name = config.data.name
-  return pipeline.get_source(name, split, data_dir=config.data.data_dir or None)
+def _source(config, split, workdir=None):
+  """A split's source; a family may wrap it (e.g. Imagen adds cached text embeddings)."""
+  source = pipeline.get_source(config.data.name, split, data_dir=config.data.data_dir or None)
+  family = families.get_family(config.family)
+  return family.wrap_source(config, source, split, workdir) if family.wrap_source else source
 
 
-def build(config, devices=None) -> Setup:
+def build(config, devices=None, workdir=None) -> Setup:
   """Mesh, data source, model definition and the abstract, sharded train state.
 
-  devices: the devices of the mesh (default: all); tests pass a subset to compare meshes."""
+  devices: the devices of the mesh (default: all); tests pass a subset to compare meshes.
+  workdir: where a family may keep derived data (Imagen's text-embedding cache)."""
   distributed.initialize()
   _check_config(config)
   family = families.get_family(config.family)
   mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
-  source = _source(config, config.data.train_split)
+  source = _source(config, config.data.train_split, workdir)
   tx = train_state.make_optimizer(config.optim, config.train.num_steps)
 
   def init():
@@ -78,7 +82,7 @@ def build(config, devices=None) -> Setup:
                "ema": param_sh, "rng": mesh_lib.replicated(mesh)}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  setup = Setup(config, family, mesh, source, graphdef, tx, abstract, shardings)
+  setup = Setup(config, family, mesh, source, graphdef, tx, abstract, shardings, workdir)
   setup.init = jax.jit(init, out_shardings=shardings)
   return setup
 
@@ -116,10 +120,10 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
   """Full-pass bits/dim of a split with the given (usually EMA) params, from the VLB or (method
   "ode") the probability-flow ODE with options num_steps and hutchinson."""
   config = setup.config
-  source = _source(config, split)
+  source = _source(config, split, setup.workdir)
   if config.eval.max_examples:
     source = _Prefix(source, config.eval.max_examples)
-  if method == "vlb":
+  if method == "vlb" and setup.family.eval_terms is not None:
     per_example, term_names = setup.family.eval_terms, likelihood.TERMS
   elif method == "ode" and setup.family.ode_terms is not None:
     per_example = lambda m, b, r, c: setup.family.ode_terms(m, b, r, c, **ode_options)
@@ -154,7 +158,7 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
       for name in parents:
         node = node[name]
       node[leaf] = value
-  setup = build(config)
+  setup = build(config, workdir=workdir)
   state, _ = ckpt.restore(setup.abstract_state, step)
   return setup, state, ckpt
 
@@ -175,11 +179,21 @@ class _Prefix:
 
 
 def sample_images(setup: Setup, params, rng, *, num: int, num_steps: int) -> np.ndarray:
-  """`num` samples as integer levels, gathered on every process."""
-  fn = jax.jit(lambda p, r: setup.family.sample(model_with(setup, p), r, num, setup.config,
-                                                num_steps=num_steps),
-               out_shardings=mesh_lib.replicated(setup.mesh))
-  return np.asarray(jax.device_get(fn(params, rng)))
+  """`num` samples as integer levels, gathered on every process. Conditional families take
+  their conditioning (labels, captions) from the first `num` examples of the eval split."""
+  config = setup.config
+  source = _source(config, config.data.eval_split, setup.workdir)
+  examples = [source[i] for i in range(min(num, len(source)))]
+  keys = [k for k in setup.family.batch_keys if k in examples[0]]
+  host = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+  if "image" in host:
+    host["image"] = host["image"].astype(np.int32)
+  replicated = mesh_lib.replicated(setup.mesh)
+  batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
+  fn = jax.jit(lambda p, b, r: setup.family.sample(model_with(setup, p), r, b, config,
+                                                   num_steps=num_steps),
+               out_shardings=replicated)
+  return np.asarray(jax.device_get(fn(params, batch, rng)))
 
 
 def write_samples(setup: Setup, samples, path: str):
@@ -228,7 +242,7 @@ def _nonfinite_error(step, metrics, ckpt):
 def train(config, workdir: str, devices=None) -> dict:
   """Trains until config.train.num_steps; returns the last evaluation's metrics."""
   # ----------------------------------------------------------------------------- setup
-  setup = build(config, devices)
+  setup = build(config, devices, workdir)
   cfg = config.train
   logging.info("Mesh: %s", mesh_lib.describe(setup.mesh))
   loader = pipeline.make_loader(setup.source, global_batch_size=cfg.batch_size, seed=config.seed,
@@ -279,7 +293,7 @@ def train(config, workdir: str, devices=None) -> dict:
       if distributed.is_main_process():
         shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
         logging.info(progress.line(step, shown))
-    if boundary(cfg.eval_every):
+    if boundary(cfg.eval_every) and setup.family.eval_terms is not None:
       last_eval = evaluate_bpd(setup, state["ema"], split=config.data.eval_split,
                                rng=jax.random.fold_in(eval_rng, step))
       writer.write(step, last_eval, prefix="eval/")

@@ -1,0 +1,33 @@
+"""Pieces shared by the Imagen stage configs (one config per cascade stage)."""
+
+import ml_collections
+
+from configs.vdm.common import base_config
+
+
+def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
+                 text_dim: int) -> ml_collections.ConfigDict:
+  """A cascade stage: base (lowres_size 0) or super-resolution from lowres_size."""
+  c = base_config()
+  c.family = "imagen"
+  c.data.update(dict(text_cache="", t5="tiny", max_length=16))
+  c.model = ml_collections.ConfigDict(dict(
+      resolution=resolution,
+      lowres_size=lowres_size,        # 0: base stage; else the previous stage's resolution
+      unet_preset=unet_preset,        # imagen.efficient_unet presets
+      unet_overrides=ml_collections.ConfigDict(),
+      text_dim=text_dim,              # d_model of the T5 encoder
+      parameterization="v",           # Imagen's defaults: v and cosine logsnr
+      weighting="v_mse",
+      weighting_params=ml_collections.ConfigDict(dict(
+          sigmoid_bias=0.0, edm_mean=2.4, edm_std=2.4, sigma_data=0.5, min_snr_gamma=5.0)),
+      antithetic_time=True,
+      p_uncond=0.1,                   # conditioning dropped for classifier-free guidance
+      max_aug_level=0.5,              # SR training: t_aug ~ U[0, max_aug_level)
+      sample_aug_level=0.0,           # SR sampling: the augmentation level (sweepable)
+      schedule=ml_collections.ConfigDict(dict(
+          name="cosine", logsnr_min=-20.0, logsnr_max=20.0, pin_endpoints=False,
+          n_features=1024, resolution=resolution, base=64, resolution_at_data=32)),
+  ))
+  c.eval.update(dict(guidance_w=1.0, threshold="dynamic", percentile=99.5, sample_steps=64))
+  return c

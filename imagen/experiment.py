@@ -1,0 +1,131 @@
+"""One stage of an Imagen cascade: what the generic trainer receives from the Imagen family.
+
+A stage is an Efficient U-Net with a noise schedule (cosine logsnr by default) and a
+parameterization (v by default), conditioned on T5 text embeddings; a super-resolution stage
+also sees the low-resolution image, noise-augmented to a random level in training (Imagen
+sec. 2.5). Every stage trains on the same dataset: the stage's images are the data
+area-downsampled to the stage's resolution, and an SR stage's low-resolution input is the
+data downsampled to the previous stage's resolution, then upsampled back.
+
+  - `build_model(cfg, num_levels, data_shape, rngs, dtype)` -> ImagenStage;
+  - `loss_and_grads(graphdef, params, batch, rng, cfg)` -> (loss, metrics, grads);
+  - `stage_cond(model, batch, rng, cfg, *, train)` -> the network's cond dict;
+  - `sample(model, rng, cond, *, num_steps, ...)` -> images in [-1, 1].
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen import guidance, noise_augmentation, text_conditioning, thresholding
+from imagen.efficient_unet import EfficientUNet, efficient_unet_config
+from vdm import losses, process, samplers, schedules
+from vdm.experiment import schedule_from_config
+
+
+class ImagenStage(nnx.Module):
+  """Efficient U-Net + schedule + parameterization at one resolution of the cascade."""
+
+  def __init__(self, net, schedule, parameterization: str, num_levels: int, image_shape,
+               lowres_size: int):
+    self.net, self.schedule = net, schedule
+    self.parameterization = parameterization
+    self.num_levels, self.image_shape = num_levels, tuple(image_shape)
+    self.lowres_size = lowres_size          # 0 for the base stage
+
+  def denoise(self, z, logsnr, cond=None, *, dropout_key=None) -> process.Prediction:
+    out = self.net(z, logsnr, cond, dropout_key=dropout_key)
+    return process.predict(z, logsnr, out, self.parameterization)
+
+  def logsnr(self, t):
+    return self.schedule(t)
+
+
+def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.float32):
+  """cfg = config.model: resolution, lowres_size (0 = base), unet preset and overrides."""
+  if data_shape[0] % cfg.resolution:
+    raise ValueError(f"stage resolution {cfg.resolution} must divide the data's "
+                     f"{data_shape[0]}")
+  shape = (cfg.resolution, cfg.resolution, data_shape[-1])
+  kwargs = dict(efficient_unet_config(cfg.unet_preset))
+  kwargs.update(dict(cfg.unet_overrides))
+  kwargs.update(channels=shape[-1], image_size=cfg.resolution, text_dim=cfg.text_dim,
+                lowres_cond=cfg.lowres_size > 0, dtype=dtype)
+  net = EfficientUNet(**kwargs, rngs=rngs)
+  return ImagenStage(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization,
+                     num_levels, shape, cfg.lowres_size)
+
+
+def downsample(x, size: int):
+  """Area downsampling of an NHWC batch to size x size (mean over each block)."""
+  b, h, w, c = x.shape
+  f = h // size
+  return x.reshape(b, size, f, size, f, c).mean(axis=(2, 4))
+
+
+def lowres_cond(model: ImagenStage, x_lowres, rng, t_aug):
+  """The SR input: the low-resolution image upsampled to this stage, noise-augmented."""
+  up = noise_augmentation.upsample(x_lowres, model.image_shape[0] // x_lowres.shape[1])
+  z_lr, aug_logsnr = noise_augmentation.augment(up, t_aug, rng, model.schedule)
+  return {"lowres": z_lr, "aug_logsnr": aug_logsnr}
+
+
+def stage_images(model: ImagenStage, batch):
+  """The batch's images in [-1, 1] at this stage's resolution."""
+  x = losses.int_to_x(batch["image"], model.num_levels)
+  return downsample(x, model.image_shape[0]) if x.shape[1] != model.image_shape[0] else x
+
+
+def stage_cond(model: ImagenStage, batch, rng, cfg, *, train: bool, text_encoder=None):
+  """Text (with conditioning dropout in training) and, for SR stages, the augmented lowres."""
+  k_drop, k_aug, k_level = jax.random.split(rng, 3)
+  emb, mask = text_conditioning.text_embeddings(batch, text_encoder)
+  cond = {"text_emb": emb, "text_mask": mask}
+  if train and cfg.p_uncond > 0:
+    cond = guidance.drop_for_training(cond, k_drop, cfg.p_uncond, guidance.drop_text)
+  if model.lowres_size:
+    x_lr = downsample(losses.int_to_x(batch["image"], model.num_levels), model.lowres_size)
+    batch_size = x_lr.shape[0]
+    t_aug = (noise_augmentation.sample_levels(k_level, batch_size, cfg.max_aug_level) if train
+             else jnp.full((batch_size,), cfg.sample_aug_level))
+    cond.update(lowres_cond(model, x_lr, k_aug, t_aug))
+  return cond
+
+
+def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
+  """Weighted denoising loss (cfg.weighting, v-MSE by default), in units of nats/(dim ln 2)."""
+  k_t, k_eps, k_cond, k_drop = jax.random.split(rng, 4)
+
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p)
+    x = stage_images(model, batch)
+    t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
+    lam, rate = schedules.logsnr_and_rate(model.schedule, t)
+    eps = jax.random.normal(k_eps, x.shape)
+    z = process.diffuse(x, lam, eps)
+    cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder)
+    pred = model.denoise(z, lam, cond, dropout_key=k_drop)
+    per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
+                                                 **cfg.weighting_params)
+    loss = jnp.mean(per_example) / (math.prod(x.shape[1:]) * math.log(2.0))
+    return loss, {"loss": loss}
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, metrics, grads
+
+
+def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, guidance_w=0.0,
+           sampler: str = "ddim", eta: float = 0.0, threshold: str = "dynamic",
+           percentile: float = 99.5):
+  """`num` images in [-1, 1] from this stage given its cond (text, and lowres for SR)."""
+  clip = {"dynamic": thresholding.dynamic_threshold(percentile),
+          "static": samplers.static_clip(), "none": samplers.no_clip}
+  if threshold not in clip:
+    raise ValueError(f"unknown threshold {threshold!r}; choose one of {sorted(clip)}")
+  denoise = guidance.guided(lambda z, lam, c: model.denoise(z, lam, c), guidance_w,
+                            guidance.drop_text)
+  return samplers.sample(denoise, model.logsnr, (num,) + model.image_shape, rng,
+                         num_steps=num_steps, sampler=sampler, eta=eta, clip_x=clip[threshold],
+                         cond=cond)
