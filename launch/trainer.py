@@ -308,6 +308,8 @@ def train(config, workdir: str, devices=None) -> dict:
     ckpt.save(step, state, data_state=data_iter, config=config,
               force=step == cfg.num_steps)
     if ckpt.preemption_requested(step):
+      # A SIGTERM that landed just after save() above: save now (a no-op if saved already).
+      ckpt.save(step, state, data_state=data_iter, config=config, force=True)
       logging.warning("Preemption requested: saved step %d, exiting.", step)
       break
   ckpt.close()
