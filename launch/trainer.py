@@ -108,6 +108,14 @@ def restore_or_init(setup: Setup, ckpt: checkpoint_lib.Checkpointer, data_iterat
   return setup.init()
 
 
+def _cached_jit(setup: Setup, key, fn, **jit_kwargs):
+  """jax.jit(fn) made once per (setup, key), so repeated evaluations do not retrace."""
+  cache = setup.__dict__.setdefault("_jit_cache", {})
+  if key not in cache:
+    cache[key] = jax.jit(fn, **jit_kwargs)
+  return cache[key]
+
+
 def model_with(setup: Setup, params):
   return nnx.merge(setup.graphdef, params)
 
@@ -134,8 +142,10 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
   def terms_and_mask(p, b, r):
     terms = per_example(model_with(setup, p), b, r, config)
     return dict(terms, mask=b["mask"])   # the global mask, as the terms cover every process
-  # Replicated outputs, so that every process can read all examples' terms.
-  terms = jax.jit(terms_and_mask, out_shardings=mesh_lib.replicated(setup.mesh))
+  # Replicated outputs, so that every process can read all examples' terms. Compiled once
+  # per setup and method (periodic evaluations reuse it).
+  terms = _cached_jit(setup, ("eval", method, tuple(sorted(ode_options.items()))),
+                      terms_and_mask, out_shardings=mesh_lib.replicated(setup.mesh))
   batches = pipeline.epoch_iterator(source, global_batch_size=config.eval.batch_size)
   num_dims = math.prod(source.image_shape)
   return likelihood.vlb_bits_per_dim(
@@ -190,9 +200,10 @@ def sample_images(setup: Setup, params, rng, *, num: int, num_steps: int) -> np.
     host["image"] = host["image"].astype(np.int32)
   replicated = mesh_lib.replicated(setup.mesh)
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
-  fn = jax.jit(lambda p, b, r: setup.family.sample(model_with(setup, p), r, b, config,
-                                                   num_steps=num_steps),
-               out_shardings=replicated)
+  fn = _cached_jit(setup, ("sample", num_steps),
+                   lambda p, b, r: setup.family.sample(model_with(setup, p), r, b, config,
+                                                       num_steps=num_steps),
+                   out_shardings=replicated)
   return np.asarray(jax.device_get(fn(params, batch, rng)))
 
 
@@ -273,45 +284,49 @@ def train(config, workdir: str, devices=None) -> dict:
   eval_rng = jax.random.key(config.seed + 1)
   last_eval, pending = {}, None
   step = start_step
-  while step < cfg.num_steps:
-    batch = first if first is not None else next(data_iter)
-    first = None
-    state, metrics = compiled(state, put_batch(setup, batch))
-    step += 1
-    # Check the previous step's metrics after dispatching this one (keeps the device busy).
-    if pending is not None and cfg.nan_policy == "error" and pending[1]["nonfinite"] > 0:
-      raise _nonfinite_error(pending[0], pending[1], ckpt)
-    pending = (step, metrics)
-    boundary = lambda every: every and (step % every == 0 or step == cfg.num_steps)
-    if boundary(cfg.log_every) or boundary(cfg.checkpoint_every) or ckpt.preemption_requested(step):
-      metrics = jax.device_get(metrics)
+  try:
+    while step < cfg.num_steps:
+      batch = first if first is not None else next(data_iter)
+      first = None
+      state, metrics = compiled(state, put_batch(setup, batch))
+      step += 1
+      # Check the previous step's metrics after dispatching this one (keeps the device busy).
+      if pending is not None and cfg.nan_policy == "error" and pending[1]["nonfinite"] > 0:
+        raise _nonfinite_error(pending[0], pending[1], ckpt)
       pending = (step, metrics)
-      if cfg.nan_policy == "error" and metrics["nonfinite"] > 0:
-        raise _nonfinite_error(step, metrics, ckpt)
-    if boundary(cfg.log_every):
-      writer.write(step, metrics, prefix="train/")
-      if distributed.is_main_process():
-        shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
-        logging.info(progress.line(step, shown))
-    if boundary(cfg.eval_every) and setup.family.eval_terms is not None:
-      last_eval = evaluate_bpd(setup, state["ema"], split=config.data.eval_split,
-                               rng=jax.random.fold_in(eval_rng, step))
-      writer.write(step, last_eval, prefix="eval/")
-      logging.info("Eval at step %d: %.4f +- %.4f bits/dim (recon %.4f, prior %.4f, "
-                   "diffusion %.4f) over %d examples", step, last_eval["bpd"],
-                   last_eval["bpd_stderr"], last_eval["bpd_recon"], last_eval["bpd_prior"],
-                   last_eval["bpd_diffusion"], last_eval["num_examples"])
-    if boundary(cfg.sample_every):
-      samples = sample_images(setup, state["ema"], jax.random.fold_in(jax.random.fold_in(eval_rng, step), 1),
-                              num=config.eval.num_samples, num_steps=config.eval.sample_steps)
-      write_samples(setup, samples, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-    ckpt.save(step, state, data_state=data_iter, config=config,
-              force=step == cfg.num_steps)
-    if ckpt.preemption_requested(step):
-      # A SIGTERM that landed just after save() above: save now (a no-op if saved already).
-      ckpt.save(step, state, data_state=data_iter, config=config, force=True)
-      logging.warning("Preemption requested: saved step %d, exiting.", step)
-      break
-  ckpt.close()
-  writer.close()
+      boundary = lambda every: every and (step % every == 0 or step == cfg.num_steps)
+      if boundary(cfg.log_every) or boundary(cfg.checkpoint_every) or ckpt.preemption_requested(step):
+        metrics = jax.device_get(metrics)
+        pending = (step, metrics)
+        if cfg.nan_policy == "error" and metrics["nonfinite"] > 0:
+          raise _nonfinite_error(step, metrics, ckpt)
+      if boundary(cfg.log_every):
+        writer.write(step, metrics, prefix="train/")
+        if distributed.is_main_process():
+          shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
+          logging.info(progress.line(step, shown))
+      if boundary(cfg.eval_every) and setup.family.eval_terms is not None:
+        last_eval = evaluate_bpd(setup, state["ema"], split=config.data.eval_split,
+                                 rng=jax.random.fold_in(eval_rng, step))
+        writer.write(step, last_eval, prefix="eval/")
+        logging.info("Eval at step %d: %.4f +- %.4f bits/dim (recon %.4f, prior %.4f, "
+                     "diffusion %.4f) over %d examples", step, last_eval["bpd"],
+                     last_eval["bpd_stderr"], last_eval["bpd_recon"], last_eval["bpd_prior"],
+                     last_eval["bpd_diffusion"], last_eval["num_examples"])
+      if boundary(cfg.sample_every):
+        samples = sample_images(setup, state["ema"], jax.random.fold_in(jax.random.fold_in(eval_rng, step), 1),
+                                num=config.eval.num_samples, num_steps=config.eval.sample_steps)
+        write_samples(setup, samples, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+      ckpt.save(step, state, data_state=data_iter, config=config,
+                force=step == cfg.num_steps)
+      if ckpt.preemption_requested(step):
+        # A SIGTERM that landed just after save() above: save now (a no-op if saved already).
+        ckpt.save(step, state, data_state=data_iter, config=config, force=True)
+        logging.warning("Preemption requested: saved step %d, exiting.", step)
+        break
+  finally:
+    # Also on errors: finish an in-flight async save (earlier steps stay restorable) and
+    # give the SIGTERM handler back.
+    ckpt.close()
+    writer.close()
   return last_eval
