@@ -207,6 +207,9 @@ class Checkpointer:
                        f"keep={keep}.")
     self.save_every = int(save_every)
     self.keep = int(keep)
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:        # orbax wants absolute local paths (gs:// stays as it is)
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=self.save_every,
@@ -312,6 +315,15 @@ class Checkpointer:
     if saved:
       self._last_saved = step
     return saved
+
+  def check(self):
+    """Raises CheckpointError if an async save running in the background has failed (the
+    trainer calls this at every log step, so a failing save does not go unnoticed)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"an asynchronous save into {self.directory} failed: "
+                            f"{_short(e)}") from e
 
   def wait(self):
     """Blocks until the in-flight async save is committed (re-raises its error)."""

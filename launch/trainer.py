@@ -301,6 +301,7 @@ def train(config, workdir: str, devices=None) -> dict:
         if cfg.nan_policy == "error" and metrics["nonfinite"] > 0:
           raise _nonfinite_error(step, metrics, ckpt)
       if boundary(cfg.log_every):
+        ckpt.check()
         writer.write(step, metrics, prefix="train/")
         if distributed.is_main_process():
           shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}

@@ -292,3 +292,19 @@ def test_bad_inputs_have_clear_errors(tmp_path):
   with pytest.raises(ValueError, match="save_every"):
     Checkpointer(tmp_path, save_every=0, keep=1)
   ckpt.close()
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  """`--workdir runs/x` (relative, as in the README) must work: orbax needs absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(4.0)}
+  with Checkpointer("runs/rel", save_every=1, keep=2, async_save=True) as ckpt:
+    ckpt.save(1, state, force=True)
+  with Checkpointer("runs/rel", save_every=1, keep=2) as ckpt:
+    assert ckpt.latest_step() == 1
+    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0]))}
+    restored, _ = ckpt.restore(abstract)
+  np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
