@@ -25,6 +25,7 @@ setup(
         "safetensors==0.8.0",
         "sentencepiece==0.2.3",
         "absl-py==2.5.1",
+        "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (launch/fid.py)
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).
@@ -37,6 +38,8 @@ setup(
             "vdiff-evaluate=launch.evaluate:run",
             "vdiff-sample=launch.sample:run",
             "vdiff-encode-text=launch.encode_text:run",
+            "vdiff-sample-cascade=launch.sample_cascade:run",
+            "vdiff-evaluate-cascade=launch.evaluate_cascade:run",
         ],
     },
 )
