@@ -31,3 +31,22 @@ def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
   ))
   c.eval.update(dict(guidance_w=1.0, threshold="dynamic", percentile=99.5, sample_steps=64))
   return c
+
+
+def digits_stage(*, resolution: int, lowres_size: int, unet_preset: str, guidance_w: float,
+                 arg=None) -> ml_collections.ConfigDict:
+  """A stage of the embedded digits cascade (offline tiny T5, d_model 32)."""
+  c = stage_config(resolution=resolution, lowres_size=lowres_size, unet_preset=unet_preset,
+                   text_dim=32)
+  c.model.unet_overrides.update(dict(ch=32))
+  c.optim.update(dict(lr=1e-3, warmup_steps=100, decay="cosine", ema_decay=0.995,
+                      weight_decay=0.0))
+  c.train.update(dict(batch_size=64, num_steps=2000, log_every=100, eval_every=0,
+                      sample_every=1000, checkpoint_every=500))
+  c.eval.update(dict(num_samples=100, sample_steps=64, guidance_w=guidance_w))
+  if arg == "runlocal":
+    c.model.unet_overrides.update(dict(ch=8))
+    c.train.update(dict(batch_size=16, num_steps=4, log_every=2, sample_every=4,
+                        checkpoint_every=2))
+    c.eval.update(dict(num_samples=8, sample_steps=4))
+  return c
