@@ -19,9 +19,9 @@ import numpy as np
 from absl import app, flags
 
 from launch import distributed, quality
+from launch.cascade import per_stage, run_cascade
 from launch import metrics as metrics_lib
 from launch.data import digits
-from launch.sample_cascade import per_stage, run_cascade
 from vdm import losses
 
 _STAGES = flags.DEFINE_list("stages", None, "Stage workdirs, base first.", required=True)
