@@ -184,13 +184,14 @@ def t5_text_encoder(encoder, tokenizer, identity: dict) -> TextEncoder:
 
 
 def load_text_encoder(spec: str, *, max_length: int = 128, tokenizer: str | None = None,
-                      seed: int = 0) -> TextEncoder:
+                      seed: int = 0, module: bool = False):
   """A TextEncoder from "hf:/dir" (a Hugging Face T5 checkpoint), "t5x:/dir@preset" (a T5X
   checkpoint of that size, e.g. t5x:/ckpts/t5_1_1_xxl/checkpoint_1000000@xxl) or a preset name.
 
   A preset ("tiny", "small", ...) is a RANDOM encoder, logged as the offline default;
   its tokenizer defaults to the offline digits vocabulary. A checkpoint's tokenizer
   defaults to its directory's spiece.model. `tokenizer` ("default" or a path) overrides.
+  With module=True, returns (T5Encoder module, tokenizer) instead of a TextEncoder.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from imagen import t5  # pylint: disable=g-import-not-at-top
@@ -223,6 +224,8 @@ def load_text_encoder(spec: str, *, max_length: int = 128, tokenizer: str | None
     encoder = t5.T5Encoder(config, rngs=nnx.Rngs(seed))
     tok = tok_lib.load_tokenizer(tokenizer or "default", max_length)
     identity = {"t5": spec, "seed": int(seed), "random": True}
+  if module:   # the raw (T5Encoder, tokenizer), for running the encoder inside a step
+    return encoder, tok
   return t5_text_encoder(encoder, tok, identity)
 
 

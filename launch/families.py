@@ -6,6 +6,7 @@ trainer.
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -25,6 +26,8 @@ class Family:
     of `batch` (eval examples that carry the conditioning: labels, text)
   eval_terms: None when the family has no likelihood (then training evaluates by samples)
   wrap_source(config, source, split, workdir) -> source, e.g. adding cached text embeddings
+  frozen_init(config) -> an untrained nnx module (e.g. T5) or None; when given, the trainer
+    passes it, sharded, as one more argument to loss_and_grads and sample
   batch_keys: which loader fields go to the device."""
   build_model: Callable
   loss_and_grads: Callable
@@ -32,6 +35,7 @@ class Family:
   eval_terms: Callable | None = None
   ode_terms: Callable | None = None
   wrap_source: Callable | None = None
+  frozen_init: Callable | None = None
   batch_keys: tuple = ("image", "label")
 
 
@@ -66,11 +70,47 @@ VDM = Family(
 # ------------------------------------------------------------------------------- Imagen
 
 
+class _Tokenized:
+  """A caption source whose examples also carry T5 tokens (for the in-step encoder)."""
+
+  def __init__(self, source, tokenizer):
+    from imagen import text_conditioning  # pylint: disable=g-import-not-at-top
+    self.source, self.tokenize = source, text_conditioning.Tokenize(tokenizer)
+    self.num_levels, self.num_classes = source.num_levels, source.num_classes
+    self.image_shape = source.image_shape
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return self.tokenize(self.source[i])
+
+  def __repr__(self):
+    return f"Tokenized({self.source!r}, {self.tokenize.tokenizer.path})"
+
+
+@functools.lru_cache(maxsize=4)
+def _text_encoder(t5: str, max_length: int):
+  from launch import encode_text  # pylint: disable=g-import-not-at-top
+  return encode_text.load_text_encoder(t5, max_length=max_length, module=True)
+
+
+def _imagen_text_encoder(config):
+  """(frozen T5 module, tokenizer) named by config.data.t5; loaded once per process."""
+  return _text_encoder(config.data.t5, config.data.max_length)
+
+
 def _imagen_wrap_source(config, source, split, workdir):
-  """Adds cached T5 embeddings of the captions, encoding them once if no cache exists yet
-  (config.data.text_cache, default WORKDIR/text_cache; config.data.t5 names the encoder)."""
+  """Adds the captions' T5 embeddings from a cache (config.data.text_source = "cache",
+  encoding them once if no cache exists yet in config.data.text_cache, default
+  WORKDIR/text_cache), or their tokens for the frozen encoder run in the step ("encoder")."""
   import os  # pylint: disable=g-import-not-at-top
   from launch import encode_text  # pylint: disable=g-import-not-at-top
+  if config.data.text_source == "encoder":
+    return _Tokenized(source, _imagen_text_encoder(config)[1])
+  if config.data.text_source != "cache":
+    raise ValueError(f"data.text_source must be 'cache' or 'encoder', got "
+                     f"{config.data.text_source!r}")
   cache_dir = config.data.text_cache or (os.path.join(workdir, "text_cache") if workdir else "")
   if not cache_dir:
     raise ValueError("Imagen stages need text embeddings: set data.text_cache to a cache made "
@@ -89,18 +129,25 @@ def _imagen_build(config, source, rngs):
                                        rngs, dtype=_compute_dtype(config))
 
 
-def _imagen_loss_and_grads(graphdef, params, batch, rng, config):
+def _imagen_frozen_init(config):
+  """The frozen T5 encoder when text is encoded in the step, else None (cached text)."""
+  return _imagen_text_encoder(config)[0] if config.data.text_source == "encoder" else None
+
+
+def _imagen_loss_and_grads(graphdef, params, batch, rng, config, text_encoder=None):
   from imagen import experiment as imagen_experiment  # pylint: disable=g-import-not-at-top
-  return imagen_experiment.loss_and_grads(graphdef, params, batch, rng, config.model)
+  return imagen_experiment.loss_and_grads(graphdef, params, batch, rng, config.model,
+                                          text_encoder)
 
 
-def _imagen_sample(model, rng, batch, config, *, num_steps):
+def _imagen_sample(model, rng, batch, config, text_encoder=None, *, num_steps):
   """One stage's samples for the batch's captions; an SR stage is given the real images
   downsampled to its input resolution (so each stage is judged on its own)."""
   from imagen import experiment as imagen_experiment  # pylint: disable=g-import-not-at-top
   from vdm import losses  # pylint: disable=g-import-not-at-top
   k_cond, k_sample = jax.random.split(rng)
-  cond = imagen_experiment.stage_cond(model, batch, k_cond, config.model, train=False)
+  cond = imagen_experiment.stage_cond(model, batch, k_cond, config.model, train=False,
+                                      text_encoder=text_encoder)
   x = imagen_experiment.sample(model, k_sample, cond, batch["image"].shape[0],
                                num_steps=num_steps, guidance_w=config.eval.guidance_w,
                                sampler=config.eval.sampler, threshold=config.eval.threshold,
@@ -113,7 +160,8 @@ IMAGEN = Family(
     loss_and_grads=_imagen_loss_and_grads,
     sample=_imagen_sample,
     wrap_source=_imagen_wrap_source,
-    batch_keys=("image", "label", "text_emb", "text_mask"),
+    frozen_init=_imagen_frozen_init,
+    batch_keys=("image", "label", "text_emb", "text_mask", "input_ids", "attention_mask"),
 )
 
 FAMILIES = {"vdm": VDM, "imagen": IMAGEN}

@@ -75,28 +75,32 @@ def _all_finite(tree):
 
 def make_train_step(loss_and_grads: Callable, tx: optax.GradientTransformation, *,
                     ema_decay: float, grad_accum: int = 1) -> Callable:
-  """Returns step(state, batch) -> (state, metrics), to be jitted by the trainer."""
+  """Returns step(state, batch, *frozen) -> (state, metrics), to be jitted by the trainer.
 
-  def grads_of(params, batch, rng):
+  `frozen` are untrained inputs of the loss (e.g. a frozen T5 encoder's weights), passed as
+  arguments rather than closed over so that they are sharded, not baked into the program.
+  """
+
+  def grads_of(params, batch, rng, *frozen):
     if grad_accum == 1:
-      return loss_and_grads(params, batch, rng)
+      return loss_and_grads(params, batch, rng, *frozen)
 
     def body(carry, micro):
       i, (loss, metrics, grads) = carry[0], carry[1]
-      l, m, g = loss_and_grads(params, micro, jax.random.fold_in(rng, i))
+      l, m, g = loss_and_grads(params, micro, jax.random.fold_in(rng, i), *frozen)
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
       return (i + 1, (loss + l, add(metrics, m), add(grads, g))), None
 
     micro = _micro_batches(batch, grad_accum)
     first = jax.tree.map(lambda a: a[0], micro)
-    shapes = jax.eval_shape(loss_and_grads, params, first, rng)
+    shapes = jax.eval_shape(loss_and_grads, params, first, rng, *frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (_, totals), _ = jax.lax.scan(body, (0, zeros), micro)
     return jax.tree.map(lambda a: a / grad_accum, totals)
 
-  def step(state, batch):
+  def step(state, batch, *frozen):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    loss, metrics, grads = grads_of(state["params"], batch, rng)
+    loss, metrics, grads = grads_of(state["params"], batch, rng, *frozen)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

@@ -38,6 +38,7 @@ class Setup:
   abstract_state: dict      # ShapeDtypeStruct leaves carrying their shardings
   state_shardings: dict
   workdir: str | None = None
+  frozen: tuple = ()         # (graphdef, state, shardings) of a frozen module, e.g. T5
 
 
 def _check_config(config):
@@ -82,7 +83,14 @@ def build(config, devices=None, workdir=None) -> Setup:
                "ema": param_sh, "rng": mesh_lib.replicated(mesh)}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  setup = Setup(config, family, mesh, source, graphdef, tx, abstract, shardings, workdir)
+  frozen = ()
+  if family.frozen_init is not None and (module := family.frozen_init(config)) is not None:
+    # A frozen module (e.g. the T5 encoder) goes into the step as a sharded argument.
+    f_graphdef, f_state = nnx.split(module)
+    f_shardings = mesh_lib.param_shardings(f_state, mesh, config.mesh.rules)
+    frozen = (f_graphdef, jax.device_put(f_state, f_shardings), f_shardings)
+  setup = Setup(config, family, mesh, source, graphdef, tx, abstract, shardings, workdir,
+                frozen)
   setup.init = jax.jit(init, out_shardings=shardings)
   return setup
 
@@ -118,6 +126,16 @@ def _cached_jit(setup: Setup, key, fn, **jit_kwargs):
 
 def model_with(setup: Setup, params):
   return nnx.merge(setup.graphdef, params)
+
+
+def frozen_args(setup: Setup) -> tuple:
+  """The frozen module's state, as extra arguments of jitted functions (or none)."""
+  return (setup.frozen[1],) if setup.frozen else ()
+
+
+def frozen_modules(setup: Setup, *states) -> tuple:
+  """Inside a jitted function: the frozen module rebuilt from its state argument."""
+  return tuple(nnx.merge(setup.frozen[0], s) for s in states)
 
 
 # ------------------------------------------------------------------ evaluation and sampling
@@ -201,10 +219,11 @@ def sample_images(setup: Setup, params, rng, *, num: int, num_steps: int) -> np.
   replicated = mesh_lib.replicated(setup.mesh)
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
   fn = _cached_jit(setup, ("sample", num_steps),
-                   lambda p, b, r: setup.family.sample(model_with(setup, p), r, b, config,
-                                                       num_steps=num_steps),
+                   lambda p, b, r, *f: setup.family.sample(
+                       model_with(setup, p), r, b, config, *frozen_modules(setup, *f),
+                       num_steps=num_steps),
                    out_shardings=replicated)
-  return np.asarray(jax.device_get(fn(params, batch, rng)))
+  return np.asarray(jax.device_get(fn(params, batch, rng, *frozen_args(setup))))
 
 
 def write_samples(setup: Setup, samples, path: str):
@@ -220,17 +239,19 @@ def _compile_step(setup: Setup, example_batch: dict):
   """jit with explicit shardings and donated state, compiled ahead of time."""
   config = setup.config
   step = train_state.make_train_step(
-      lambda p, b, r: setup.family.loss_and_grads(setup.graphdef, p, b, r, config), setup.tx,
-      ema_decay=config.optim.ema_decay, grad_accum=config.train.grad_accum)
+      lambda p, b, r, *f: setup.family.loss_and_grads(setup.graphdef, p, b, r, config,
+                                                      *frozen_modules(setup, *f)),
+      setup.tx, ema_decay=config.optim.ema_decay, grad_accum=config.train.grad_accum)
   b_sh = batch_shardings(setup, example_batch)
-  jitted = jax.jit(step, in_shardings=(setup.state_shardings, b_sh),
+  f_sh = (setup.frozen[2],) if setup.frozen else ()
+  jitted = jax.jit(step, in_shardings=(setup.state_shardings, b_sh) + f_sh,
                    out_shardings=(setup.state_shardings, mesh_lib.replicated(setup.mesh)),
                    donate_argnums=0)
   global_shape = lambda v: (config.train.batch_size,) + np.shape(v)[1:]
   abstract_batch = {k: jax.ShapeDtypeStruct(global_shape(v), np.asarray(v).dtype, sharding=s)
                     for (k, v), s in zip(example_batch.items(), b_sh.values())}
   start = time.perf_counter()
-  compiled = jitted.lower(setup.abstract_state, abstract_batch).compile()
+  compiled = jitted.lower(setup.abstract_state, abstract_batch, *frozen_args(setup)).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   mem = ""
@@ -288,7 +309,7 @@ def train(config, workdir: str, devices=None) -> dict:
     while step < cfg.num_steps:
       batch = first if first is not None else next(data_iter)
       first = None
-      state, metrics = compiled(state, put_batch(setup, batch))
+      state, metrics = compiled(state, put_batch(setup, batch), *frozen_args(setup))
       step += 1
       # Check the previous step's metrics after dispatching this one (keeps the device busy).
       if pending is not None and cfg.nan_policy == "error" and pending[1]["nonfinite"] > 0:

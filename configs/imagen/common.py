@@ -10,7 +10,9 @@ def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
   """A cascade stage: base (lowres_size 0) or super-resolution from lowres_size."""
   c = base_config()
   c.family = "imagen"
-  c.data.update(dict(text_cache="", t5="tiny", max_length=16))
+  # text_source: "cache" (embeddings encoded once, read by the loader) or "encoder" (tokens
+  # in the batch, the frozen T5 run inside the train step).
+  c.data.update(dict(text_source="cache", text_cache="", t5="tiny", max_length=16))
   c.model = ml_collections.ConfigDict(dict(
       resolution=resolution,
       lowres_size=lowres_size,        # 0: base stage; else the previous stage's resolution
