@@ -186,18 +186,19 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, *, train: bool = True):
     model = nnx.merge(graphdef, _join(net_params, sp))
     return _schedule_values(model.schedule, t, cfg.num_steps_train)
 
-  per_example = lambda p, sched: _objective(terms_fn(p, sched), cfg) * to_bpd
+  def per_example(p, sched):   # (training loss per example, the VLB terms for metrics)
+    terms = terms_fn(p, sched)
+    return _objective(terms, cfg) * to_bpd, terms
+
   if cfg.variance_minimization and jax.tree.leaves(sched_params):
-    losses_, g_net, g_sched = losses.variance_minimizing_grads(per_example, net_params,
-                                                               values_fn, sched_params)
+    losses_, g_net, g_sched, terms = losses.variance_minimizing_grads(
+        per_example, net_params, values_fn, sched_params, has_aux=True)
   else:
     def mean_loss(p_net, p_sched):
-      return jnp.mean(per_example(p_net, values_fn(p_sched)))
-    g_net, g_sched = jax.grad(mean_loss, argnums=(0, 1))(net_params, sched_params)
-    losses_ = None
-  terms = terms_fn(net_params, values_fn(sched_params))
-  if losses_ is None:
-    losses_ = _objective(terms, cfg) * to_bpd
+      per, terms = per_example(p_net, values_fn(p_sched))
+      return jnp.mean(per), (per, terms)
+    (_, (losses_, terms)), (g_net, g_sched) = jax.value_and_grad(
+        mean_loss, argnums=(0, 1), has_aux=True)(net_params, sched_params)
   metrics = {"loss": jnp.mean(losses_)}
   for name in ("recon", "prior", "diffusion"):
     metrics[f"bpd_{name}"] = jnp.mean(terms[name]) * to_bpd

@@ -168,7 +168,8 @@ def weighted_diffusion_loss(eps, eps_hat, logsnr, dlogsnr_dt, weighting: str, **
 # --- variance-minimizing schedule update (VDM appendix I.2) ------------------------------------
 
 
-def variance_minimizing_grads(per_example_loss, params, schedule_values_fn, schedule_params):
+def variance_minimizing_grads(per_example_loss, params, schedule_values_fn, schedule_params,
+                              *, has_aux: bool = False):
   """Gradients for a model with a learned schedule, from one forward pass.
 
   The model parameters descend the mean loss E[L]; the schedule parameters descend
@@ -179,14 +180,20 @@ def variance_minimizing_grads(per_example_loss, params, schedule_values_fn, sche
   per_example_loss(params, sched) -> L [B] takes schedule *values* per example (e.g. logsnr_t,
   its rate, logsnr_0, logsnr_1, each of shape [B]) rather than schedule parameters, so each
   example's values get their own cotangent: d mean(L^2) / d s_i = 2 L_i dL_i/ds_i / B.
-  Returns (L, grads_params, grads_schedule_params).
+  Returns (L, grads_params, grads_schedule_params), plus the auxiliary output of
+  per_example_loss when has_aux (it then returns (L, aux)).
   """
   sched, sched_vjp = jax.vjp(schedule_values_fn, schedule_params)
-  losses, loss_vjp = jax.vjp(per_example_loss, params, sched)
+  if has_aux:
+    losses, loss_vjp, aux = jax.vjp(per_example_loss, params, sched, has_aux=True)
+  else:
+    losses, loss_vjp = jax.vjp(per_example_loss, params, sched)
   batch = losses.shape[0]
   g_params, g_sched_values = loss_vjp(jnp.full_like(losses, 1.0 / batch))
   scale = 2.0 * jax.lax.stop_gradient(losses)
   g_sched_values = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)),
                                 g_sched_values)
   (g_schedule,) = sched_vjp(g_sched_values)
+  if has_aux:
+    return losses, g_params, g_schedule, aux
   return losses, g_params, g_schedule
