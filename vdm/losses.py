@@ -28,7 +28,8 @@ def nats_to_bpd(nats, num_dims):
   return nats / (num_dims * math.log(2.0))
 
 
-def _sum_over_data(a):
+def sum_over_data(a):
+  """Per-example sum over every data dimension: [B, ...] -> [B]."""
   return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
 
 
@@ -56,8 +57,8 @@ def decoder_log_probs(z_0, logsnr_0, num_levels: int):
   bin centres and normalized over them (VDM appendix A.3, with L levels instead of 256).
   """
   alpha_0, _ = process.alpha_sigma(logsnr_0)
-  alpha_0 = process._bcast(alpha_0, z_0)[..., None]
-  logsnr_0 = process._bcast(logsnr_0, z_0)[..., None]
+  alpha_0 = process.per_example(alpha_0, z_0)[..., None]
+  logsnr_0 = process.per_example(logsnr_0, z_0)[..., None]
   levels = int_to_x(jnp.arange(num_levels), num_levels)
   logits = -0.5 * jnp.exp(logsnr_0) * jnp.square(z_0[..., None] / alpha_0 - levels)
   return jax.nn.log_softmax(logits, axis=-1)
@@ -67,16 +68,16 @@ def reconstruction_loss(x_int, z_0, logsnr_0, num_levels: int):
   """-log p(x | z_0) per example (nats)."""
   logp = decoder_log_probs(z_0, logsnr_0, num_levels)
   logp_x = jnp.take_along_axis(logp, jnp.asarray(x_int, jnp.int32)[..., None], axis=-1)[..., 0]
-  return -_sum_over_data(logp_x)
+  return -sum_over_data(logp_x)
 
 
 def gaussian_reconstruction_loss(x, z_0, logsnr_0):
   """-log N(x; z_0 / alpha_0, sigma_0^2 / alpha_0^2) per example: the decoder for continuous data
   (used to check the VLB against exact likelihoods of continuous densities)."""
-  alpha_0, _ = process.alpha_sigma(process._bcast(logsnr_0, z_0))
-  logsnr_0 = process._bcast(logsnr_0, z_0)
+  alpha_0, _ = process.alpha_sigma(process.per_example(logsnr_0, z_0))
+  logsnr_0 = process.per_example(logsnr_0, z_0)
   sq = jnp.exp(logsnr_0) * jnp.square(z_0 / alpha_0 - x)
-  return _sum_over_data(0.5 * (sq - logsnr_0 + math.log(2 * math.pi)))
+  return sum_over_data(0.5 * (sq - logsnr_0 + math.log(2 * math.pi)))
 
 
 # --- 2. prior: KL(q(z_1 | x) || N(0, I)) -------------------------------------------------------
@@ -84,11 +85,11 @@ def gaussian_reconstruction_loss(x, z_0, logsnr_0):
 
 def prior_kl(x, logsnr_1):
   """KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) summed over dimensions (closed form)."""
-  logsnr_1 = process._bcast(logsnr_1, x)
+  logsnr_1 = process.per_example(logsnr_1, x)
   var_1 = jax.nn.sigmoid(-logsnr_1)
   mean_sq = jax.nn.sigmoid(logsnr_1) * jnp.square(x)
   # log var_1 = -softplus(logsnr_1), stable for large logsnr.
-  return _sum_over_data(0.5 * (var_1 + mean_sq + jax.nn.softplus(logsnr_1) - 1.0))
+  return sum_over_data(0.5 * (var_1 + mean_sq + jax.nn.softplus(logsnr_1) - 1.0))
 
 
 # --- 3. diffusion term ---------------------------------------------------------------------------
@@ -96,12 +97,12 @@ def prior_kl(x, logsnr_1):
 
 def diffusion_loss_continuous(eps, eps_hat, dlogsnr_dt):
   """Continuous-time diffusion loss per example (VDM eq. 17)."""
-  return 0.5 * (-dlogsnr_dt) * _sum_over_data(jnp.square(eps - eps_hat))
+  return 0.5 * (-dlogsnr_dt) * sum_over_data(jnp.square(eps - eps_hat))
 
 
 def diffusion_loss_discrete(eps, eps_hat, logsnr_t, logsnr_s, num_steps: int):
   """T-step diffusion loss per example (VDM eq. 14); SNR(s)/SNR(t) - 1 = expm1(logsnr_s - logsnr_t)."""
-  return 0.5 * num_steps * jnp.expm1(logsnr_s - logsnr_t) * _sum_over_data(
+  return 0.5 * num_steps * jnp.expm1(logsnr_s - logsnr_t) * sum_over_data(
       jnp.square(eps - eps_hat))
 
 
@@ -162,7 +163,7 @@ def loss_weight(name: str, logsnr, dlogsnr_dt, *, sigmoid_bias: float = 0.0,
 def weighted_diffusion_loss(eps, eps_hat, logsnr, dlogsnr_dt, weighting: str, **params):
   """1/2 c(t) ||eps - eps_hat||^2 per example, for any weighting name."""
   c = loss_weight(weighting, logsnr, dlogsnr_dt, **params)
-  return 0.5 * c * _sum_over_data(jnp.square(eps - eps_hat))
+  return 0.5 * c * sum_over_data(jnp.square(eps - eps_hat))
 
 
 # --- variance-minimizing schedule update (VDM appendix I.2) ------------------------------------

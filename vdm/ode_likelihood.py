@@ -34,18 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import process
+from vdm import losses, process
 
 HUTCHINSON = ("rademacher", "gaussian", "exact")
-
-
-def _per_example(a, like):
-  a = jnp.asarray(a, dtype=like.dtype)
-  return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
-
-
-def _sum_per_example(a):
-  return jnp.sum(a.reshape(a.shape[0], -1), axis=-1)
 
 
 def probability_flow(denoise_fn, logsnr_fn, cond=None):
@@ -58,8 +49,8 @@ def probability_flow(denoise_fn, logsnr_fn, cond=None):
     t_b = jnp.full((z.shape[0],), t, jnp.float32)
     logsnr, dlogsnr_dt = jax.jvp(logsnr_fn, (t_b,), (jnp.ones_like(t_b),))
     eps_hat = denoise_fn(z, logsnr, cond).eps
-    dl = _per_example(dlogsnr_dt, z)
-    _, sigma = process.alpha_sigma(_per_example(logsnr, z))
+    dl = process.per_example(dlogsnr_dt, z)
+    _, sigma = process.alpha_sigma(process.per_example(logsnr, z))
     return 0.5 * dl * (sigma**2 * z - sigma * eps_hat)
 
   return velocity
@@ -84,7 +75,7 @@ def _velocity_and_divergence(velocity, hutchinson, probe):
 
   def f(t, z):
     v, jvp = jax.jvp(lambda z_: velocity(t, z_), (z,), (probe,))
-    return v, _sum_per_example(probe * jvp)  # Hutchinson: E[e^T J e] = tr J
+    return v, losses.sum_over_data(probe * jvp)  # Hutchinson: E[e^T J e] = tr J
 
   return f
 
@@ -104,7 +95,7 @@ def _rk4_step(f, t, h, state):
 def standard_normal_logpdf(z):
   """Per-example log N(z; 0, I), the VP prior at t = 1."""
   d = math.prod(z.shape[1:])
-  return -0.5 * _sum_per_example(z**2) - 0.5 * d * math.log(2.0 * math.pi)
+  return -0.5 * losses.sum_over_data(z**2) - 0.5 * d * math.log(2.0 * math.pi)
 
 
 def ode_log_likelihood(denoise_fn: Callable[..., process.Prediction],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 PARAMETERIZATIONS = ("eps", "x", "v")
 
 
-def _bcast(a, like):
+def per_example(a, like):
   """Broadcasts a per-example array (shape [B] or scalar) against a batch of images."""
   a = jnp.asarray(a, dtype=like.dtype if jnp.issubdtype(like.dtype, jnp.floating) else None)
   return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
@@ -30,7 +30,7 @@ def alpha_sigma(logsnr):
 
 def diffuse(x, logsnr, eps):
   """Samples q(z_t | x): z_t = alpha_t x + sigma_t eps (VDM eq. 1)."""
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x))
+  alpha, sigma = alpha_sigma(per_example(logsnr, x))
   return alpha * x + sigma * eps
 
 
@@ -39,27 +39,27 @@ def diffuse(x, logsnr, eps):
 
 
 def x_from_eps(z, eps, logsnr):
-  alpha, sigma = alpha_sigma(_bcast(logsnr, z))
+  alpha, sigma = alpha_sigma(per_example(logsnr, z))
   return (z - sigma * eps) / alpha
 
 
 def eps_from_x(z, x, logsnr):
-  alpha, sigma = alpha_sigma(_bcast(logsnr, z))
+  alpha, sigma = alpha_sigma(per_example(logsnr, z))
   return (z - alpha * x) / sigma
 
 
 def v_from_x_eps(x, eps, logsnr):
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x))
+  alpha, sigma = alpha_sigma(per_example(logsnr, x))
   return alpha * eps - sigma * x
 
 
 def x_from_v(z, v, logsnr):
-  alpha, sigma = alpha_sigma(_bcast(logsnr, z))
+  alpha, sigma = alpha_sigma(per_example(logsnr, z))
   return alpha * z - sigma * v
 
 
 def eps_from_v(z, v, logsnr):
-  alpha, sigma = alpha_sigma(_bcast(logsnr, z))
+  alpha, sigma = alpha_sigma(per_example(logsnr, z))
   return sigma * z + alpha * v
 
 

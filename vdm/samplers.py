@@ -30,12 +30,6 @@ from vdm import process
 SAMPLERS = ("ddim", "ancestral")
 
 
-def _per_example(a, like):
-  """Reshapes a per-example array (shape [B] or scalar) to broadcast against `like`."""
-  a = jnp.asarray(a, dtype=like.dtype)
-  return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
-
-
 # --- x-hat post-processing hooks ------------------------------------------------------------
 
 
@@ -103,7 +97,7 @@ def ddim_step(pred: process.Prediction, z_t, logsnr_t, logsnr_s, eta=0.0, noise=
   if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
     raise ValueError(f"DDIM eta must lie in [0, 1] (0 deterministic, 1 ancestral), got {eta}")
   x, eps = pred.x, pred.eps
-  logsnr_t, logsnr_s = _per_example(logsnr_t, x), _per_example(logsnr_s, x)
+  logsnr_t, logsnr_s = process.per_example(logsnr_t, x), process.per_example(logsnr_s, x)
   alpha_s, sigma_s = process.alpha_sigma(logsnr_s)
   c = _posterior_fraction(logsnr_t, logsnr_s)
   if noise is None and not _is_zero(eta):
@@ -142,7 +136,7 @@ def ancestral_step(pred: process.Prediction, z_t, logsnr_t, logsnr_s, noise):
   (a softplus), so it stays finite when alpha_t is tiny (logsnr_t ~ -20).
   """
   x = pred.x
-  logsnr_t, logsnr_s = _per_example(logsnr_t, x), _per_example(logsnr_s, x)
+  logsnr_t, logsnr_s = process.per_example(logsnr_t, x), process.per_example(logsnr_s, x)
   alpha_s, sigma_s = process.alpha_sigma(logsnr_s)
   c = _posterior_fraction(logsnr_t, logsnr_s)
   log_coef_z = (logsnr_t - logsnr_s) + 0.5 * (jax.nn.log_sigmoid(logsnr_s) -
