@@ -42,46 +42,11 @@ Environment: PYTHON (python3) PORT (12355) COORDINATOR_HOST REMOTE_DIR LOG_DIR T
 EOF
 }
 
-die() { printf 'gpu.sh: %s\n' "$*" >&2; exit 1; }
-
-# Print the arguments as one line that a shell reads back into the same arguments.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ -n $a && $a != *[!A-Za-z0-9_./:=@%+,-]* ]]; then out+=("$a")
-    else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  printf '%s\n' "${out[*]}"
-}
-
-# Run a command, or with DRY_RUN=1 only print it.
-run() {
-  if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
-}
+SCRIPT=gpu.sh
+# shellcheck source=launch/scripts/common.sh
+source "$REPO_ROOT/launch/scripts/common.sh"
 
 REMOTE_DIR="${REMOTE_DIR:-$(quote "$REPO_ROOT")}"
-
-# The training arguments, checked: CONFIG must exist in this checkout.
-train_args() {
-  [[ $# -ge 2 ]] || die "expected CONFIG WORKDIR [OVERRIDES...], e.g. configs/vdm/cifar10.py /data/runs/cifar"
-  local config=$1 workdir=$2; shift 2
-  [[ -f $REPO_ROOT/${config%%:*} ]] || die "config file ${config%%:*} not found in $REPO_ROOT"
-  TRAIN_ARGS=(-m launch.train --config "$config" --workdir "$workdir" "$@")
-}
-
-# train / evaluate / sample on this host: one process, which sees every local GPU
-# (restrict with CUDA_VISIBLE_DEVICES).
-cmd_train() { train_args "$@"; cd "$REPO_ROOT"; run "$PYTHON" "${TRAIN_ARGS[@]}"; }
-cmd_evaluate() {
-  [[ $# -ge 1 ]] || die "evaluate needs WORKDIR"
-  local workdir=$1; shift
-  cd "$REPO_ROOT"; run "$PYTHON" -m launch.evaluate --workdir "$workdir" "$@"
-}
-cmd_sample() {
-  [[ $# -ge 1 ]] || die "sample needs WORKDIR (then --num N --steps S)"
-  local workdir=$1; shift
-  cd "$REPO_ROOT"; run "$PYTHON" -m launch.sample --workdir "$workdir" "$@"
-}
 
 # HOSTS: the hosts of a hostfile, one per line; blank lines and # comments are skipped.
 read_hosts() {

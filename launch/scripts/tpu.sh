@@ -50,22 +50,9 @@ Environment: TPU_NAME ZONE [PROJECT] ACCELERATOR_TYPE [RUNTIME_VERSION] [SPOT=1]
 EOF
 }
 
-die() { printf 'tpu.sh: %s\n' "$*" >&2; exit 1; }
-
-# Print the arguments as one line that a shell reads back into the same arguments.
-quote() {
-  local out=() a
-  for a in "$@"; do
-    if [[ -n $a && $a != *[!A-Za-z0-9_./:=@%+,-]* ]]; then out+=("$a")
-    else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  printf '%s\n' "${out[*]}"
-}
-
-# Run a command, or with DRY_RUN=1 only print it.
-run() {
-  if [[ $DRY_RUN == 1 ]]; then quote "$@"; else "$@"; fi
-}
+SCRIPT=tpu.sh
+# shellcheck source=launch/scripts/common.sh
+source "$REPO_ROOT/launch/scripts/common.sh"
 
 # Fail early, naming each missing variable and how to set it.
 need() {
