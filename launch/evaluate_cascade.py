@@ -54,7 +54,7 @@ def main(argv):
   prompts, labels = digit_prompts(_NUM.value)
   results = []
   for w in [float(v) for v in _GUIDANCE.value]:
-    outputs, configs, setups = run_cascade(
+    outputs, configs, setups, _, _ = run_cascade(
         stages, prompts, num_per_prompt=1, steps=per_stage(_STEPS.value, n, "steps", int),
         guidance=[w] + [0.0] * (n - 1), samplers_=["ddim"] * n,
         aug_levels=per_stage(_AUG.value, n, "aug_level", float), threshold="dynamic",

@@ -25,6 +25,8 @@ class Family:
   sample(model, rng, batch, config, *, num_steps) -> int images [B, H, W, C], one per example
     of `batch` (eval examples that carry the conditioning: labels, text)
   eval_terms: None when the family has no likelihood (then training evaluates by samples)
+  get_source(config, split) -> the split's source, when the family reads other data than
+    `pipeline.get_source` gives (Imagen: images with captions)
   wrap_source(config, source, split, workdir) -> source, e.g. adding cached text embeddings
   frozen_init(config) -> an untrained nnx module (e.g. T5) or None; when given, the trainer
     passes it, sharded, as one more argument to loss_and_grads and sample
@@ -34,6 +36,7 @@ class Family:
   sample: Callable
   eval_terms: Callable | None = None
   ode_terms: Callable | None = None
+  get_source: Callable | None = None
   wrap_source: Callable | None = None
   frozen_init: Callable | None = None
   batch_keys: tuple = ("image", "label")
@@ -100,6 +103,15 @@ def _imagen_text_encoder(config):
   return _text_encoder(config.data.t5, config.data.max_length)
 
 
+def _imagen_get_source(config, split):
+  """Images with captions (launch.data.captions): digits, jsonl:DIR, coco_captions or any
+  tfds image+text dataset, resized and centre-cropped to data.image_size when set."""
+  from launch.data import captions  # pylint: disable=g-import-not-at-top
+  return captions.get_caption_source(config.data.name, split,
+                                     data_dir=config.data.data_dir or None,
+                                     image_size=config.data.get("image_size", 0) or None)
+
+
 def _imagen_wrap_source(config, source, split, workdir):
   """Adds the captions' T5 embeddings from a cache (config.data.text_source = "cache",
   encoding them once if no cache exists yet in config.data.text_cache, default
@@ -159,6 +171,7 @@ IMAGEN = Family(
     build_model=_imagen_build,
     loss_and_grads=_imagen_loss_and_grads,
     sample=_imagen_sample,
+    get_source=_imagen_get_source,
     wrap_source=_imagen_wrap_source,
     frozen_init=_imagen_frozen_init,
     batch_keys=("image", "label", "text_emb", "text_mask", "input_ids", "attention_mask"),

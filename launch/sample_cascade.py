@@ -54,7 +54,7 @@ def main(argv):
   distributed.initialize()
   stages, prompts = _STAGES.value, read_prompts()
   n = len(stages)
-  outputs, _, setups = cascade.run_cascade(
+  outputs, _, setups, _, _ = cascade.run_cascade(
       stages, prompts, num_per_prompt=_NUM.value,
       steps=cascade.per_stage(_STEPS.value, n, "steps", int),
       guidance=cascade.per_stage(_GUIDANCE.value, n, "guidance", float),

@@ -52,8 +52,9 @@ def _check_config(config):
 
 def _source(config, split, workdir=None):
   """A split's source; a family may wrap it (e.g. Imagen adds cached text embeddings)."""
-  source = pipeline.get_source(config.data.name, split, data_dir=config.data.data_dir or None)
   family = families.get_family(config.family)
+  source = (family.get_source(config, split) if family.get_source else
+            pipeline.get_source(config.data.name, split, data_dir=config.data.data_dir or None))
   return family.wrap_source(config, source, split, workdir) if family.wrap_source else source
 
 
@@ -171,9 +172,11 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
       num_time_samples=config.eval.num_time_samples, num_dims=num_dims, terms=term_names)
 
 
-def load_workdir(workdir: str, step: int | None = None, overrides: dict | None = None):
+def load_workdir(workdir: str, step: int | None = None, overrides: dict | None = None,
+                 devices=None):
   """(setup, state, checkpointer) of a trained workdir, rebuilt from the config saved beside
-  its checkpoint; `overrides` ({"eval.sampler": "ancestral", ...}) change that config first."""
+  its checkpoint (on a mesh of `devices`, default all); `overrides` ({"eval.sampler":
+  "ancestral", ...}) change that config first."""
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
@@ -186,7 +189,7 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
       for name in parents:
         node = node[name]
       node[leaf] = value
-  setup = build(config, workdir=workdir)
+  setup = build(config, devices, workdir=workdir)
   state, _ = ckpt.restore(setup.abstract_state, step)
   return setup, state, ckpt
 

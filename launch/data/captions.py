@@ -9,6 +9,7 @@ restoring an iterator). Labels are 0 and num_classes 0 where the data has none.
 
   "digits"                  the offline default: scikit-learn's digits with captions made
                             from the labels (digits.DigitsSource(with_captions=True)).
+  "synthetic:HxWxC"         random images captioned "random image of class k" (benchmarks).
   "jsonl:/dir/{split}.jsonl"  a folder of images with a JSONL index (JsonlCaptionSource).
                             "{split}" in the path is replaced by the split; a path without
                             it is one split, "train".
@@ -298,6 +299,10 @@ def get_caption_source(name: str, split: str, data_dir=None, *, image_size=None,
       raise ValueError(f"the digits source is 8x8 with 17 levels and takes no options; got "
                        f"image_size={image_size}, {kwargs} (resizing would break its levels)")
     return digits_lib.DigitsSource(split, with_captions=True)
+  if name.startswith("synthetic:"):   # random images, captions from random labels (benches)
+    from launch.data import synthetic  # pylint: disable=g-import-not-at-top
+    shape = synthetic.parse_shape(name[len("synthetic:"):])
+    return synthetic.SyntheticSource(shape, split, with_captions=True)
   if name.startswith("jsonl:"):
     return JsonlCaptionSource(_jsonl_path(name[len("jsonl:"):], split), split,
                               image_size=image_size, **kwargs)

@@ -28,7 +28,7 @@ class SyntheticSource:
 
   def __init__(self, image_shape=(32, 32, 3), split: str = "train",
                num_examples: int | None = None, num_classes: int = 10,
-               num_levels: int = 256, seed: int = 0):
+               num_levels: int = 256, seed: int = 0, with_captions: bool = False):
     if split not in _SPLIT_IDS:
       raise ValueError(f"unknown synthetic split {split!r}; valid: {tuple(_SPLIT_IDS)}")
     if not 2 <= num_levels <= 256:
@@ -40,6 +40,7 @@ class SyntheticSource:
     self.num_classes = num_classes
     self.num_levels = num_levels
     self.seed = seed
+    self.with_captions = with_captions   # "random image of class k": for text-to-image benches
 
   def __len__(self) -> int:
     return self.num_examples
@@ -50,9 +51,13 @@ class SyntheticSource:
     rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(i)])
     image = rng.integers(0, self.num_levels, self.image_shape, dtype=np.uint8)
     label = np.int32(rng.integers(0, self.num_classes))
-    return {"image": image, "label": label}
+    out = {"image": image, "label": label}
+    if self.with_captions:
+      out["caption"] = f"random image of class {int(label)}"
+    return out
 
   def __repr__(self) -> str:
     return (f"SyntheticSource(image_shape={self.image_shape}, split={self.split!r}, "
             f"num_examples={self.num_examples}, num_classes={self.num_classes}, "
-            f"num_levels={self.num_levels}, seed={self.seed})")
+            f"num_levels={self.num_levels}, seed={self.seed}"
+            f"{', with_captions=True' if self.with_captions else ''})")
