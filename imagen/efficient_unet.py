@@ -1,9 +1,10 @@
 """Imagen's Efficient U-Net (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion
 Models with Deep Language Understanding", appendix B.1 and figures A.27-A.31).
 
-`EfficientUNet.__call__(z, logsnr, cond=None, *, dropout_key=None)` -> like z (NHWC), the
-call signature of the other nets in `vdm/nets`. The Efficient U-Net differs from the ADM
-U-Net (`vdm/nets/unet.py`) in three ways (appendix B.1):
+`EfficientUNet.__call__(z, logsnr, cond=None, *, dropout_key=None)` -> [B, H, W,
+out_channels] (NHWC; out_channels = C unless set), the call signature of the other nets in
+`vdm/nets`. The Efficient U-Net differs from the ADM U-Net (`vdm/nets/unet.py`) in three
+ways (appendix B.1):
   * more ResBlocks at the low resolutions: `num_res_blocks` is given per level, e.g.
     (2, 4, 8, 8), which moves parameters to the cheap low-resolution levels;
   * skip connections scaled by 1/sqrt(2): every ResBlock returns (skip(x) + h) / sqrt(2)
@@ -44,7 +45,10 @@ norm, emb -> (scale, shift), ADM's scale-shift norm):
     go through a LayerNorm in every attention and pooling layer (Imagen appendix: "Layer
     Norm for text embeddings in attention and pooling layers");
   * cond["label"] [B] int (if num_classes): class embedding with a null class
-    (`layers.ClassEmbedding`).
+    (`layers.ClassEmbedding`);
+  * cond["guidance_w"] [B] float (if guidance_embedding): the guidance weight of a
+    w-conditioned distilled student (Meng et al. 2023 sec. 3.1), Fourier-embedded by
+    `layers.GuidanceEmbedding`, whose zero-initialised last layer makes it 0 at init.
 
 Masking and "no text". A learned null token (in the text embedding space) is prepended to
 every text sequence and is never masked; masked tokens are zeroed and excluded from every
@@ -237,7 +241,9 @@ class EfficientUNet(nnx.Module):
   """Imagen's Efficient U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)`.
 
   Args:
-    channels: image channels of z (input and output); cond["lowres"] has the same.
+    channels: image channels C of z; cond["lowres"] has the same.
+    out_channels: output channels (default C; 2 C for the "both" parameterization,
+      Salimans & Ho 2022 sec. 4).
     image_size: training resolution H (= W); attention placement refers to it.
     ch: base width; level i has ch * ch_mult[i] channels.
     ch_mult: channel multiplier per level (len(ch_mult) - 1 downsamplings).
@@ -250,6 +256,8 @@ class EfficientUNet(nnx.Module):
     num_classes: if set, cond["label"] adds a class embedding (-1 = null class).
     dropout: dropout rate in the ResBlocks (active only with a dropout_key).
     emb_ch: conditioning embedding width (default 4 * ch).
+    guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
+      embedding (zero at init) is added to the conditioning embedding.
     dtype: compute dtype (params float32; norms, embeddings and softmax in float32).
   """
 
@@ -259,7 +267,8 @@ class EfficientUNet(nnx.Module):
                attn_resolutions: Sequence[int] = (), cross_attn_resolutions: Sequence[int] = (),
                num_heads: int = 8, text_dim: int | None = None, lowres_cond: bool = False,
                num_classes: int | None = None, dropout: float = 0.0,
-               emb_ch: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+               emb_ch: int | None = None, out_channels: int | None = None,
+               guidance_embedding: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
       raise ValueError(f"image_size={image_size} must be divisible by 2^(len(ch_mult)-1)="
@@ -282,10 +291,12 @@ class EfficientUNet(nnx.Module):
       raise ValueError(f"num_heads={num_heads} must divide the attention widths {attn_widths}")
 
     self.channels, self.ch, self.dtype, self.levels = channels, ch, dtype, levels
+    self.out_channels = channels if out_channels is None else out_channels
     self.text_dim, self.lowres_cond = text_dim, lowres_cond
     self.cond_keys = ((("text_emb", "text_mask") if text_dim is not None else ()) +
                       (("lowres", "aug_logsnr") if lowres_cond else ()) +
-                      (("label",) if num_classes is not None else ()))
+                      (("label",) if num_classes is not None else ()) +
+                      (("guidance_w",) if guidance_embedding else ()))
 
     self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
     self.aug_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
@@ -315,7 +326,11 @@ class EfficientUNet(nnx.Module):
       cur = ch * ch_mult[i]
     self.down, self.up = nnx.List(down), nnx.List(up)
     self.norm_out = layers.GroupNorm(cur, rngs=rngs)
-    self.conv_out = layers.conv(cur, channels, zero_init=True, dtype=dtype, rngs=rngs)
+    self.conv_out = layers.conv(cur, self.out_channels, zero_init=True, dtype=dtype,
+                                rngs=rngs)
+    # Created last, so that the other weights do not depend on this flag at a given seed.
+    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_ch, dtype=dtype, rngs=rngs)
+                         if guidance_embedding else None)
 
   # --- conditioning ---
 
@@ -354,7 +369,8 @@ class EfficientUNet(nnx.Module):
     return mlp(layers.sinusoidal_embedding(1000. * t_in, self.ch).astype(self.dtype))
 
   def embedding(self, logsnr, cond: dict, text):
-    """The [B, emb_ch] embedding: time + aug level + class + pooled text, as configured."""
+    """The [B, emb_ch] embedding: time + aug level + class + pooled text + guidance weight,
+    as configured."""
     batch = logsnr.shape[0]
     emb = self._scalar_embedding(self.temb, logsnr)
     if self.aug_emb is not None:
@@ -369,6 +385,8 @@ class EfficientUNet(nnx.Module):
       emb = emb + self.class_emb(label, batch).astype(emb.dtype)
     if text is not None:
       emb = emb + self.text_pool(*text)
+    if self.guidance_emb is not None:
+      emb = emb + self.guidance_emb(cond, batch, NAME).astype(emb.dtype)
     return emb
 
   def _input(self, z, cond: dict):

@@ -52,7 +52,9 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.floa
   kwargs = dict(efficient_unet_config(cfg.unet_preset))
   kwargs.update(dict(cfg.unet_overrides))
   kwargs.update(channels=shape[-1], image_size=cfg.resolution, text_dim=cfg.text_dim,
-                lowres_cond=cfg.lowres_size > 0, dtype=dtype)
+                lowres_cond=cfg.lowres_size > 0, dtype=dtype,
+                out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
+                guidance_embedding=cfg.get("guidance_embedding", False))
   net = EfficientUNet(**kwargs, rngs=rngs)
   return ImagenStage(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization,
                      num_levels, shape, cfg.lowres_size)

@@ -81,13 +81,18 @@ def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.flo
   parameters stay float32)."""
   channels = image_shape[-1]
   num_classes = cfg.num_classes or None
+  # "both" outputs x_tilde and eps_tilde (Salimans & Ho 2022 sec. 4); guidance_embedding
+  # makes a w-conditioned distillation student (Meng et al. 2023).
+  distill = dict(out_channels=2 * channels if cfg.parameterization == "both" else channels,
+                 guidance_embedding=cfg.get("guidance_embedding", False))
   if cfg.net == "score_unet":
     net = ScoreUNet(channels=channels, **cfg.score_unet, num_classes=num_classes,
                     gamma_min=-cfg.schedule.logsnr_max, gamma_max=-cfg.schedule.logsnr_min,
-                    base_measure=cfg.parameterization == "eps", dtype=dtype, rngs=rngs)
+                    base_measure=cfg.parameterization == "eps", **distill, dtype=dtype,
+                    rngs=rngs)
   elif cfg.net == "unet":
     net = UNet(channels=channels, image_size=image_shape[0], **cfg.unet,
-               num_classes=num_classes, dtype=dtype, rngs=rngs)
+               num_classes=num_classes, **distill, dtype=dtype, rngs=rngs)
   else:
     raise ValueError(f"unknown net {cfg.net!r}; choose 'score_unet' or 'unet'")
   return VDM(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,

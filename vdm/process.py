@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-PARAMETERIZATIONS = ("eps", "x", "v")
+PARAMETERIZATIONS = ("eps", "x", "v", "both")
 
 
 def per_example(a, like):
@@ -78,12 +78,48 @@ class Prediction(NamedTuple):
   v: jax.Array
 
 
+def merge_both(z, x_tilde, eps_tilde, logsnr) -> tuple[jax.Array, jax.Array]:
+  """(x-hat, eps-hat) of the mixed "x & eps" output (Salimans & Ho 2022, sec. 4).
+
+  x-hat = sigma^2 x_tilde + alpha (z - sigma eps_tilde), i.e. the convex combination
+  sigma^2 x_tilde + alpha^2 x_from_eps(z, eps_tilde): the x-output near pure noise, the
+  eps-output near the data. eps-hat = eps_from_x(z, x-hat), written without the division by
+  sigma: eps-hat = sigma (z - alpha x_tilde) + alpha^2 eps_tilde
+  (= sigma^2 eps_from_x(z, x_tilde) + alpha^2 eps_tilde), so both stay finite at either end.
+  """
+  alpha, sigma = alpha_sigma(per_example(logsnr, z))
+  x = sigma**2 * x_tilde + alpha * (z - sigma * eps_tilde)
+  eps = sigma * (z - alpha * x_tilde) + alpha**2 * eps_tilde
+  return x, eps
+
+
+def _check_output_shape(z, output, parameterization: str):
+  """The output must match z (2x its channels for "both"): broadcasting would hide a net
+  built with the wrong out_channels (e.g. 2C outputs against 1-channel z)."""
+  channels = z.shape[-1] * (2 if parameterization == "both" else 1)
+  want = tuple(z.shape[:-1]) + (channels,)
+  if tuple(output.shape) != want:
+    hint = ("the net must output 2C channels (x_tilde, eps_tilde): build it with "
+            "out_channels=2*C" if parameterization == "both" else
+            "build the net with out_channels=C (2*C is for the 'both' parameterization)")
+    raise ValueError(f"network output has shape {tuple(output.shape)} but parameterization "
+                     f"{parameterization!r} needs {want} for z of shape {tuple(z.shape)}; "
+                     f"{hint}")
+
+
 def predict(z, logsnr, output, parameterization: str) -> Prediction:
   """Turns a network output in `parameterization` into all three predictions.
 
   eps-parameterized models divide by alpha to get x (fine except at very low logsnr), x-models
   divide by sigma to get eps (fine except at very high logsnr); v-models never divide.
+  "both" (Salimans & Ho 2022, sec. 4) outputs 2C channels, x_tilde then eps_tilde on the
+  last axis, merged by `merge_both`; it never divides either.
   """
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
+                     f"{PARAMETERIZATIONS}")
+  output = jnp.asarray(output)
+  _check_output_shape(z, output, parameterization)
   if parameterization == "eps":
     x = x_from_eps(z, output, logsnr)
     return Prediction(x=x, eps=output, v=v_from_x_eps(x, output, logsnr))
@@ -92,8 +128,9 @@ def predict(z, logsnr, output, parameterization: str) -> Prediction:
     return Prediction(x=output, eps=eps, v=v_from_x_eps(output, eps, logsnr))
   if parameterization == "v":
     return Prediction(x=x_from_v(z, output, logsnr), eps=eps_from_v(z, output, logsnr), v=output)
-  raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
-                   f"{PARAMETERIZATIONS}")
+  x_tilde, eps_tilde = jnp.split(output, 2, axis=-1)
+  x, eps = merge_both(z, x_tilde, eps_tilde, logsnr)
+  return Prediction(x=x, eps=eps, v=v_from_x_eps(x, eps, logsnr))
 
 
 def from_x(z, x, logsnr) -> Prediction:

@@ -183,6 +183,43 @@ class EmbeddingMLP(nnx.Module):
     return self.dense1(jax.nn.swish(self.dense0(x)))
 
 
+class GuidanceEmbedding(nnx.Module):
+  """Embedding of the guidance weight w for a w-conditioned student (Meng et al. 2023, "On
+  Distillation of Guided Diffusion Models", sec. 3.1: w gets a Fourier embedding and enters
+  the net like the time step).
+
+    emb_w = Dense_1(swish(Dense_0(sinusoidal(w_scale * w, feature_dim))))
+
+  added to the time embedding. Dense_1 (kernel and bias) is zero-initialised, so emb_w = 0
+  for every w at init: a student that takes every other weight from its teacher outputs
+  exactly what the teacher outputs. w_scale = 100 maps the usual w in [0, 10] onto the
+  argument range [0, 1000] that the time input spans (1000 t_in).
+  """
+
+  def __init__(self, feature_dim: int, emb_dim: int, *, w_scale: float = 100.,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.feature_dim, self.w_scale, self.dtype = feature_dim, w_scale, dtype
+    self.dense0 = dense(feature_dim, emb_dim, EXPAND, dtype=dtype, rngs=rngs)
+    self.dense1 = dense(emb_dim, emb_dim, PROJECT, zero_init=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, cond: dict, batch: int, name: str):
+    """The [B, emb_dim] embedding of cond["guidance_w"] (float [B], or a scalar for all)."""
+    if "guidance_w" not in cond:
+      raise ValueError(f"{name} was built with guidance_embedding=True: pass "
+                       f"cond['guidance_w'] (float [B], the guidance weight w the student "
+                       f"imitates; 0 for the conditional teacher)")
+    w = jnp.asarray(cond["guidance_w"])
+    if not jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(w.dtype, jnp.integer):
+      raise ValueError(f"cond['guidance_w'] must be a float array [B], got dtype {w.dtype}")
+    w = w.astype(jnp.float32)
+    w = jnp.broadcast_to(w, (batch,)) if w.ndim == 0 else w
+    if w.shape != (batch,):
+      raise ValueError(f"cond['guidance_w'] must have shape [B]=[{batch}] (or be a scalar), "
+                       f"got {list(w.shape)}")
+    feats = sinusoidal_embedding(self.w_scale * w, self.feature_dim).astype(self.dtype)
+    return self.dense1(jax.nn.swish(self.dense0(feats)))
+
+
 class ClassEmbedding(nnx.Module):
   """Learned class embedding with an extra null class for classifier-free guidance.
 
@@ -326,11 +363,19 @@ def check_inputs(z, logsnr, channels: int, name: str):
   return logsnr
 
 
+# Constructor options, common to every net, that make it accept a cond key.
+_COND_KEY_OPTIONS = {"label": "num_classes", "guidance_w": "guidance_embedding=True"}
+
+
 def check_cond_keys(cond, allowed: Sequence[str], name: str) -> dict:
   """Returns cond as a dict; unknown keys are an error (never ignore conditioning)."""
   cond = {} if cond is None else dict(cond)
   unknown = sorted(set(cond) - set(allowed))
   if unknown:
+    needs = [f"{k!r} needs {_COND_KEY_OPTIONS[k]}" for k in unknown if k in _COND_KEY_OPTIONS]
+    if len(needs) < len(unknown):
+      needs.append("check its constructor options")
+    hint = "; ".join(needs)
     raise ValueError(f"{name}: unsupported cond keys {unknown}; this net accepts "
-                     f"{sorted(allowed)} (check its constructor options, e.g. num_classes)")
+                     f"{sorted(allowed)} ({hint})")
   return cond

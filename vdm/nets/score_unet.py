@@ -10,6 +10,11 @@ VDM uses for likelihood on CIFAR-10 (n_layer=32, 128 channels). Input conditioni
 
 With `base_measure=True` (eps-parameterization only) the output is z + h, h from a
 zero-initialised conv, so at initialisation eps-hat = z exactly, as in VDM's code.
+
+For distillation: `out_channels=2 * channels` serves the "both" parameterization (x_tilde
+and eps_tilde, Salimans & Ho 2022 sec. 4; `process.predict`), and `guidance_embedding=True`
+adds an embedding of cond["guidance_w"] to the time embedding (`layers.GuidanceEmbedding`,
+Meng et al. 2023 sec. 3.1), zero at init.
 """
 
 import jax
@@ -20,10 +25,12 @@ from vdm.nets import layers
 
 
 class ScoreUNet(nnx.Module):
-  """VDM score U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)` -> like z.
+  """VDM score U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)` -> [B, H, W,
+  out_channels].
 
   Args:
-    channels: image channels C of z (input and output).
+    channels: image channels C of z.
+    out_channels: output channels (default C; 2 C for the "both" parameterization).
     ch: width n_embd of every block; the embedding is 4 * ch wide.
     n_layer: number of down ResNet blocks (n_layer + 1 up blocks consume the skips).
     dropout: dropout rate inside the ResNet blocks (active only with a dropout_key).
@@ -36,7 +43,9 @@ class ScoreUNet(nnx.Module):
     gamma_min, gamma_max: the range used to normalise gamma = -logsnr to t_in.
     num_classes: if set, cond["label"] (int [B]) selects a class embedding added to the
       time embedding; label -1 or num_classes, or no label at all, is the null class.
-    base_measure: return z + net(z) (eps-parameterization only).
+    base_measure: return z + net(z) (eps-parameterization only; needs out_channels = C).
+    guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
+      embedding (zero at init) is added to the time embedding.
     dtype: compute dtype (params stay float32; norms and embeddings are float32).
   """
 
@@ -45,12 +54,18 @@ class ScoreUNet(nnx.Module):
                fourier_min: int = 6, fourier_max: int = 7, use_fourier: bool = True,
                gamma_min: float = -13.3, gamma_max: float = 5.0,
                num_classes: int | None = None, base_measure: bool = True,
+               out_channels: int | None = None, guidance_embedding: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if gamma_max <= gamma_min:
       raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
     if n_layer < 0:
       raise ValueError(f"n_layer must be >= 0, got {n_layer}")
-    self.channels, self.ch, self.dtype = channels, ch, dtype
+    out_channels = channels if out_channels is None else out_channels
+    if base_measure and out_channels != channels:
+      raise ValueError(f"base_measure=True returns z + net(z), so it needs out_channels = "
+                       f"channels = {channels}, got out_channels={out_channels}; it is for "
+                       f"the eps-parameterization only: pass base_measure=False")
+    self.channels, self.out_channels, self.ch, self.dtype = channels, out_channels, ch, dtype
     self.gamma_min, self.gamma_max = gamma_min, gamma_max
     self.base_measure = base_measure
     self.exponents = tuple(range(fourier_min, fourier_max + 1)) if use_fourier else ()
@@ -75,21 +90,28 @@ class ScoreUNet(nnx.Module):
     self.up = nnx.List([block(2 * ch) for _ in range(n_layer + 1)])
     self.up_attn = nnx.List([attn() for _ in range(n_layer + 1)])
     self.norm_out = layers.GroupNorm(ch, rngs=rngs)
-    self.conv_out = layers.conv(ch, channels, zero_init=True, dtype=dtype, rngs=rngs)
+    self.conv_out = layers.conv(ch, out_channels, zero_init=True, dtype=dtype, rngs=rngs)
+    # Created last, so that the other weights do not depend on this flag at a given seed.
+    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_dim, dtype=dtype, rngs=rngs)
+                         if guidance_embedding else None)
 
   def embedding(self, logsnr, cond: dict):
-    """The [B, 4 ch] conditioning embedding from logsnr and an optional class label."""
+    """The [B, 4 ch] conditioning embedding from logsnr, an optional class label and an
+    optional guidance weight."""
     gamma = -logsnr
     t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
     emb = self.temb(layers.sinusoidal_embedding(1000. * t_in, self.ch).astype(self.dtype))
     if self.class_emb is not None:
       label = cond.get("label", self.class_emb.null_labels(logsnr.shape[0]))
       emb = emb + self.class_emb(label, logsnr.shape[0]).astype(emb.dtype)
+    if self.guidance_emb is not None:
+      emb = emb + self.guidance_emb(cond, logsnr.shape[0], "ScoreUNet").astype(emb.dtype)
     return emb
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
     logsnr = layers.check_inputs(z, logsnr, self.channels, "ScoreUNet")
-    allowed = ("label",) if self.class_emb is not None else ()
+    allowed = (("label",) if self.class_emb is not None else ()) + (
+        ("guidance_w",) if self.guidance_emb is not None else ())
     cond = layers.check_cond_keys(cond, allowed, "ScoreUNet")
     emb = self.embedding(logsnr, cond)
 

@@ -16,6 +16,10 @@ middle ResBlock-Attention-ResBlock; the up path mirrors it with num_res_blocks +
 per level, each consuming one skip by concatenation, and an Upsample except at level 0;
 GroupNorm, swish, zero-initialised conv_out. The blocks live in `layers` so Imagen's
 Efficient U-Net can reuse them.
+
+For distillation: `out_channels=2 * channels` serves the "both" parameterization (x_tilde
+and eps_tilde, Salimans & Ho 2022 sec. 4), and `guidance_embedding=True` adds an embedding
+of cond["guidance_w"] to emb (`layers.GuidanceEmbedding`, Meng et al. 2023 sec. 3.1).
 """
 
 from typing import Sequence
@@ -33,10 +37,12 @@ def logsnr_to_time(logsnr):
 
 
 class UNet(nnx.Module):
-  """ADM-style U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)` -> like z.
+  """ADM-style U-Net; `__call__(z, logsnr, cond=None, *, dropout_key=None)` -> [B, H, W,
+  out_channels].
 
   Args:
-    channels: image channels of z (input and output).
+    channels: image channels C of z.
+    out_channels: output channels (default C; 2 C for the "both" parameterization).
     image_size: spatial size H (= W) the net is built for; attention placement refers to it.
     ch: base width; level i has ch * ch_mult[i] channels.
     ch_mult: channel multiplier per resolution level (len(ch_mult) - 1 downsamplings).
@@ -50,6 +56,8 @@ class UNet(nnx.Module):
     num_classes: if set, cond["label"] (int [B]) adds a class embedding; -1 or
       num_classes (or no label) is the null class.
     cond_dim: if set, cond["vector"] ([B, cond_dim]) is projected and added to emb.
+    guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
+      embedding (zero at init) is added to emb.
     dtype: compute dtype (params float32; norms and embeddings float32).
   """
 
@@ -58,12 +66,14 @@ class UNet(nnx.Module):
                attn_resolutions: Sequence[int] = (16,), num_heads: int = 1,
                dropout: float = 0.0, emb_ch: int | None = None, adaptive_norm: bool = True,
                resample_with_conv: bool = True, num_classes: int | None = None,
-               cond_dim: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+               cond_dim: int | None = None, out_channels: int | None = None,
+               guidance_embedding: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
       raise ValueError(f"image_size={image_size} must be divisible by 2^(len(ch_mult)-1)="
                        f"{2 ** (levels - 1)}; drop a level from ch_mult={tuple(ch_mult)}")
     self.channels, self.ch, self.dtype = channels, ch, dtype
+    self.out_channels = channels if out_channels is None else out_channels
     self.levels = levels
     emb_ch = 4 * ch if emb_ch is None else emb_ch
     block = lambda cin, cout: layers.ResBlock(cin, cout, emb_ch, dropout=dropout,
@@ -120,10 +130,15 @@ class UNet(nnx.Module):
     self.num_res_blocks = num_res_blocks
 
     self.norm_out = layers.GroupNorm(cur, rngs=rngs)
-    self.conv_out = layers.conv(cur, channels, zero_init=True, dtype=dtype, rngs=rngs)
+    self.conv_out = layers.conv(cur, self.out_channels, zero_init=True, dtype=dtype,
+                                rngs=rngs)
+    # Created last, so that the other weights do not depend on this flag at a given seed.
+    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_ch, dtype=dtype, rngs=rngs)
+                         if guidance_embedding else None)
 
   def embedding(self, logsnr, cond: dict):
-    """The [B, emb_ch] conditioning embedding: time, plus class and vector if configured."""
+    """The [B, emb_ch] conditioning embedding: time, plus class, vector and guidance weight
+    if configured."""
     t_in = logsnr_to_time(logsnr)
     emb = self.temb(layers.sinusoidal_embedding(1000. * t_in, self.ch).astype(self.dtype))
     if self.class_emb is not None:
@@ -137,6 +152,8 @@ class UNet(nnx.Module):
         raise ValueError(f"cond['vector'] must have shape [B, cond_dim]="
                          f"{[logsnr.shape[0], self.cond_dim]}, got {list(vec.shape)}")
       emb = emb + self.vector_proj(vec.astype(self.dtype))
+    if self.guidance_emb is not None:
+      emb = emb + self.guidance_emb(cond, logsnr.shape[0], "UNet").astype(emb.dtype)
     return emb
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
@@ -146,7 +163,8 @@ class UNet(nnx.Module):
       raise ValueError(f"UNet: H, W = {z.shape[1:3]} must be divisible by {factor} "
                        f"(2^(len(ch_mult)-1))")
     allowed = (("label",) if self.class_emb is not None else ()) + (
-        ("vector",) if self.vector_proj is not None else ())
+        ("vector",) if self.vector_proj is not None else ()) + (
+        ("guidance_w",) if self.guidance_emb is not None else ())
     cond = layers.check_cond_keys(cond, allowed, "UNet")
     emb = self.embedding(logsnr, cond)
     keys = iter(layers.split_key(dropout_key, len(self.down) + 2 + len(self.up)))
