@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen import guidance, noise_augmentation, text_conditioning, thresholding
+from imagen import noise_augmentation, text_conditioning, thresholding
 from imagen.efficient_unet import EfficientUNet, efficient_unet_config
-from vdm import losses, process, samplers, schedules
+from vdm import guidance, losses, process, samplers, schedules
 from vdm.experiment import schedule_from_config
 
 
@@ -51,7 +51,8 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.floa
   shape = (cfg.resolution, cfg.resolution, data_shape[-1])
   kwargs = dict(efficient_unet_config(cfg.unet_preset))
   kwargs.update(dict(cfg.unet_overrides))
-  kwargs.update(channels=shape[-1], image_size=cfg.resolution, text_dim=cfg.text_dim,
+  kwargs.update(channels=shape[-1], image_size=cfg.get("crop_size", 0) or cfg.resolution,
+                text_dim=cfg.text_dim,
                 lowres_cond=cfg.lowres_size > 0, dtype=dtype,
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
                 guidance_embedding=cfg.get("guidance_embedding", False))
@@ -68,8 +69,9 @@ def downsample(x, size: int):
 
 
 def lowres_cond(model: ImagenStage, x_lowres, rng, t_aug):
-  """The SR input: the low-resolution image upsampled to this stage, noise-augmented."""
-  up = noise_augmentation.upsample(x_lowres, model.image_shape[0] // x_lowres.shape[1])
+  """The SR input: the low-resolution image (or crop) upsampled by this stage's factor,
+  noise-augmented."""
+  up = noise_augmentation.upsample(x_lowres, model.image_shape[0] // model.lowres_size)
   z_lr, aug_logsnr = noise_augmentation.augment(up, t_aug, rng, model.schedule)
   return {"lowres": z_lr, "aug_logsnr": aug_logsnr}
 
@@ -80,8 +82,27 @@ def stage_images(model: ImagenStage, batch):
   return downsample(x, model.image_shape[0]) if x.shape[1] != model.image_shape[0] else x
 
 
-def stage_cond(model: ImagenStage, batch, rng, cfg, *, train: bool, text_encoder=None):
-  """Text (with conditioning dropout in training) and, for SR stages, the augmented lowres."""
+def random_crops(rng, batch_size: int, size: int, crop: int, multiple: int):
+  """Per-example top-left corners (y, x) of crop x crop windows in size x size images, on a
+  grid of `multiple` pixels so that a crop of the low-resolution image matches exactly."""
+  if crop > size or crop % multiple:
+    raise ValueError(f"crop_size={crop} must be at most the stage resolution {size} and a "
+                     f"multiple of the upsampling factor {multiple}")
+  n = (size - crop) // multiple + 1
+  return jax.random.randint(rng, (2, batch_size), 0, n) * multiple
+
+
+def crop(x, corners, size: int):
+  """The size x size window of each NHWC image at its (y, x) corner (corners: [2, B])."""
+  c = x.shape[-1]
+  return jax.vmap(lambda img, y, x0: jax.lax.dynamic_slice(img, (y, x0, 0), (size, size, c)))(
+      x, corners[0], corners[1])
+
+
+def stage_cond(model: ImagenStage, batch, rng, cfg, *, train: bool, text_encoder=None,
+               corners=None):
+  """Text (with conditioning dropout in training) and, for SR stages, the augmented lowres
+  (cropped to match the training crop at `corners`, in stage pixels, when given)."""
   k_drop, k_aug, k_level = jax.random.split(rng, 3)
   emb, mask = text_conditioning.text_embeddings(batch, text_encoder)
   cond = {"text_emb": emb, "text_mask": mask}
@@ -89,6 +110,9 @@ def stage_cond(model: ImagenStage, batch, rng, cfg, *, train: bool, text_encoder
     cond = guidance.drop_for_training(cond, k_drop, cfg.p_uncond, guidance.drop_text)
   if model.lowres_size:
     x_lr = downsample(losses.int_to_x(batch["image"], model.num_levels), model.lowres_size)
+    if corners is not None:
+      factor = model.image_shape[0] // model.lowres_size
+      x_lr = crop(x_lr, corners // factor, cfg.crop_size // factor)
     batch_size = x_lr.shape[0]
     t_aug = (noise_augmentation.sample_levels(k_level, batch_size, cfg.max_aug_level) if train
              else jnp.full((batch_size,), cfg.sample_aug_level))
@@ -98,16 +122,22 @@ def stage_cond(model: ImagenStage, batch, rng, cfg, *, train: bool, text_encoder
 
 def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
   """Weighted denoising loss (cfg.weighting, v-MSE by default), in units of nats/(dim ln 2)."""
-  k_t, k_eps, k_cond, k_drop = jax.random.split(rng, 4)
+  k_t, k_eps, k_cond, k_drop, k_crop = jax.random.split(rng, 5)
 
   def loss_fn(p):
     model = nnx.merge(graphdef, p)
     x = stage_images(model, batch)
+    corners = None
+    if cfg.get("crop_size", 0):   # Imagen's 256 -> 1024 stage trains on 256 x 256 crops
+      factor = model.image_shape[0] // model.lowres_size if model.lowres_size else 1
+      corners = random_crops(k_crop, x.shape[0], x.shape[1], cfg.crop_size, factor)
+      x = crop(x, corners, cfg.crop_size)
     t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
     lam, rate = schedules.logsnr_and_rate(model.schedule, t)
     eps = jax.random.normal(k_eps, x.shape)
     z = process.diffuse(x, lam, eps)
-    cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder)
+    cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
+                      corners=corners)
     pred = model.denoise(z, lam, cond, dropout_key=k_drop)
     per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
                                                  **cfg.weighting_params)

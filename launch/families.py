@@ -59,7 +59,8 @@ def _vdm_sample(model, rng, batch, config, *, num_steps):
   num = batch["image"].shape[0]
   labels = batch["label"] if config.model.num_classes else None
   return vdm_experiment.sample(model, rng, num, num_steps=num_steps,
-                               sampler=config.eval.sampler, labels=labels)
+                               sampler=config.eval.sampler, labels=labels,
+                               guidance_w=config.eval.get("guidance_w", 0.0))
 
 
 VDM = Family(
@@ -181,8 +182,11 @@ FAMILIES = {"vdm": VDM, "imagen": IMAGEN}
 
 
 def get_family(name: str) -> Family:
+  if name == "distill" and name not in FAMILIES:   # defined on top of the others
+    from launch import distill_family  # pylint: disable=g-import-not-at-top
+    FAMILIES[name] = distill_family.DISTILL
   if name not in FAMILIES:
-    raise ValueError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")
+    raise ValueError(f"unknown family {name!r}; choose one of {sorted(FAMILIES) + ['distill']}")
   return FAMILIES[name]
 
 

@@ -53,16 +53,19 @@ def _check_config(config):
 def _source(config, split, workdir=None):
   """A split's source; a family may wrap it (e.g. Imagen adds cached text embeddings)."""
   family = families.get_family(config.family)
-  source = (family.get_source(config, split) if family.get_source else
-            pipeline.get_source(config.data.name, split, data_dir=config.data.data_dir or None))
+  source = family.get_source(config, split) if family.get_source else None
+  if source is None:
+    source = pipeline.get_source(config.data.name, split, data_dir=config.data.data_dir or None)
   return family.wrap_source(config, source, split, workdir) if family.wrap_source else source
 
 
-def build(config, devices=None, workdir=None) -> Setup:
+def build(config, devices=None, workdir=None, with_frozen: bool = True) -> Setup:
   """Mesh, data source, model definition and the abstract, sharded train state.
 
   devices: the devices of the mesh (default: all); tests pass a subset to compare meshes.
-  workdir: where a family may keep derived data (Imagen's text-embedding cache)."""
+  workdir: where a family may keep derived data (Imagen's text-embedding cache).
+  with_frozen: False skips the family's frozen module (e.g. to read a distilled student's
+    weights without loading its teacher)."""
   distributed.initialize()
   _check_config(config)
   family = families.get_family(config.family)
@@ -85,7 +88,8 @@ def build(config, devices=None, workdir=None) -> Setup:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   frozen = ()
-  if family.frozen_init is not None and (module := family.frozen_init(config)) is not None:
+  if (with_frozen and family.frozen_init is not None and
+      (module := family.frozen_init(config)) is not None):
     # A frozen module (e.g. the T5 encoder) goes into the step as a sharded argument.
     f_graphdef, f_state = nnx.split(module)
     f_shardings = mesh_lib.param_shardings(f_state, mesh, config.mesh.rules)
@@ -173,7 +177,7 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
 
 
 def load_workdir(workdir: str, step: int | None = None, overrides: dict | None = None,
-                 devices=None):
+                 devices=None, with_frozen: bool = True):
   """(setup, state, checkpointer) of a trained workdir, rebuilt from the config saved beside
   its checkpoint (on a mesh of `devices`, default all); `overrides` ({"eval.sampler":
   "ancestral", ...}) change that config first."""
@@ -189,7 +193,7 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
       for name in parents:
         node = node[name]
       node[leaf] = value
-  setup = build(config, devices, workdir=workdir)
+  setup = build(config, devices, workdir=workdir, with_frozen=with_frozen)
   state, _ = ckpt.restore(setup.abstract_state, step)
   return setup, state, ckpt
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen import guidance, noise_augmentation, thresholding
+from imagen import noise_augmentation, thresholding
+from vdm import guidance
 from vdm import process, samplers, schedules
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm import losses, ode_likelihood, process, samplers, schedules
+from vdm import guidance, losses, ode_likelihood, process, samplers, schedules
 from vdm.nets.score_unet import ScoreUNet
 from vdm.nets.unet import UNet
 
@@ -181,6 +181,10 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, *, train: bool = True):
   num_dims = math.prod(batch["image"].shape[1:])
   to_bpd = 1.0 / (num_dims * math.log(2.0))
   cond = _cond(batch, cfg)
+  if train and cond is not None and cfg.get("p_uncond", 0.0) > 0:
+    # Classifier-free guidance: the null class for a fraction of the batch (Ho & Salimans).
+    cond = guidance.drop_for_training(cond, jax.random.fold_in(rng, 1), cfg.p_uncond,
+                                      guidance.drop_label)
   net_params, sched_params = split_schedule_params(params)
 
   def terms_fn(p, sched):
@@ -222,12 +226,16 @@ def _join(a: nnx.State, b: nnx.State) -> nnx.State:
 
 
 def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
-           eta: float = 0.0, clip: bool = True, labels=None):
-  """Draws `num` images as integer levels (0..num_levels-1)."""
+           eta: float = 0.0, clip: bool = True, labels=None, guidance_w: float = 0.0):
+  """Draws `num` images as integer levels (0..num_levels-1); with labels and guidance_w > 0,
+  classifier-free guided ((1 + w) cond - w uncond; the model must be trained with p_uncond)."""
   cond = None if labels is None else {"label": labels}
 
   def denoise_fn(z, logsnr, c):
     return model.denoise(z, logsnr, c)
+
+  if labels is not None and guidance_w:
+    denoise_fn = guidance.guided(denoise_fn, guidance_w, guidance.drop_label)
 
   x = samplers.sample(denoise_fn, model.logsnr, (num,) + model.image_shape, rng,
                       num_steps=num_steps, sampler=sampler, eta=eta,

@@ -19,6 +19,7 @@ def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
       resolution=resolution,
       lowres_size=lowres_size,        # 0: base stage; else the previous stage's resolution
       crop_size=0,                    # > 0: train on random crops (Imagen's 256 -> 1024)
+      guidance_embedding=False,       # the net also takes cond["guidance_w"] (distillation)
       unet_preset=unet_preset,        # imagen.efficient_unet presets
       unet_overrides=ml_collections.ConfigDict(),
       text_dim=text_dim,              # d_model of the T5 encoder

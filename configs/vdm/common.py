@@ -20,6 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
       net="score_unet",               # or "unet" (multi-resolution, ADM style)
       parameterization="eps",         # eps | x | v
       num_classes=0,                  # > 0: class-conditional on batch["label"]
+      p_uncond=0.0,                   # class-conditional: null label this often (for CFG)
+      guidance_embedding=False,       # the net also takes cond["guidance_w"] (distillation)
       weighting="elbo",               # see vdm.losses.WEIGHTINGS; elbo trains the VLB
       weighting_params=ml_collections.ConfigDict(dict(
           sigmoid_bias=0.0, edm_mean=2.4, edm_std=2.4, sigma_data=0.5, min_snr_gamma=5.0)),
@@ -49,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=256, num_time_samples=1, num_samples=64, sample_steps=256, sampler="ddim",
+      guidance_w=0.0,                 # class-conditional sampling: (1 + w) cond - w uncond
       max_examples=0))                # 0: the whole split
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -1,0 +1,259 @@
+r"""Distil a trained teacher, stage by stage, into a student that samples in a few steps.
+
+  python -m launch.distill --teacher runs/digits --config configs/distill/digits.py \
+      --workdir runs/digits_distill [--config.distill.end_steps=4 ...]
+
+Stages (progressive distillation, Salimans & Ho 2022; guided distillation, Meng et al. 2023):
+
+  stage00_guided   only with distill.guided: the w-conditioned student of the guided teacher
+  stageKK_nN       a student sampling in N steps, trained against the previous stage's
+                   student (the teacher for the first) sampling in 2N; N runs from
+                   start_steps / 2 down to end_steps
+
+Each stage is an ordinary training run of the "distill" family in its own subdirectory
+(checkpoints, metrics.jsonl, TensorBoard), started from a copy of its teacher's weights
+(a step-0 checkpoint written before training). Running the same command again skips the
+stages whose summary exists and resumes the first unfinished one at its latest checkpoint.
+After each stage `summary.json` records the step count, sample quality (for the digits: the
+Frechet distance in a small classifier's features and, for conditional models, the class
+accuracy; launch/quality.py), the same measure for the original teacher sampled with the
+same number of DDIM steps, the stage's training time, and a PNG grid of samples;
+`WORKDIR/summary.jsonl` and the printed table gather all stages.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from launch import checkpoint as checkpoint_lib
+from launch import config_flags, distill_family, distributed, images, quality, trainer
+from launch import metrics as metrics_lib
+
+_CONFIG = config_flags.define_config_flag("config")
+_TEACHER = flags.DEFINE_string("teacher", None, "The teacher's training workdir.",
+                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: TEACHER/distill).")
+
+
+# --------------------------------------------------------------------------------- stages
+
+
+def plan(d) -> list[dict]:
+  """The stages: [guided stage one] + halvings start_steps / 2 ... end_steps."""
+  start, end = int(d.start_steps), int(d.end_steps)
+  if end < 1 or start <= end or start % end or (start // end) & (start // end - 1):
+    raise ValueError(f"distill.start_steps={start} must be end_steps={end} times a power of "
+                     "two greater than 1 (each stage halves the number of steps)")
+  stages = [{"name": "guided", "kind": "guided", "steps": start}] if d.guided else []
+  n = start // 2
+  while n >= end:
+    stages.append({"name": f"n{n}", "kind": "progressive", "steps": n})
+    n //= 2
+  for k, stage in enumerate(stages):
+    stage["dir"] = f"stage{k:02d}_{stage['name']}"
+  return stages
+
+
+def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_teacher: str):
+  """The training config of one stage: the teacher's model and data, the pipeline's
+  optimizer and loop settings, and the `distill` section the family reads."""
+  c = config_flags.config_from_json(config_flags.config_to_json(teacher_config)).unlock()
+  base_family = c.family if c.family != "distill" else c.distill.base_family
+  d = dcfg.distill
+  # A guided pipeline's students take w; so does every teacher after stage one.
+  teacher_w = bool(c.model.get("guidance_embedding", False)) or (
+      d.guided and teacher_dir != original_teacher)
+  c.family = "distill"
+  c.seed = dcfg.seed
+  c.optim = dcfg.optim
+  for key, value in dcfg.train.items():
+    c.train[key] = value
+  c.train.update(dict(num_steps=d.guided_train_steps if stage["kind"] == "guided"
+                      else d.train_steps, eval_every=0, sample_every=0))
+  c.eval.sample_steps = stage["steps"]
+  c.model.guidance_embedding = teacher_w or d.guided
+  if base_family == "imagen" and not c.data.text_cache:
+    c.data.text_cache = os.path.join(original_teacher, "text_cache")  # encoded once
+  c.distill = dict(
+      kind=stage["kind"], base_family=base_family, teacher=teacher_dir,
+      teacher_step=d.teacher_step if teacher_dir == original_teacher else 0,
+      teacher_guidance_embedding=teacher_w, student_steps=stage["steps"],
+      weighting=d.weighting, clip=d.clip, sampler=d.sampler, w_min=d.w_min, w_max=d.w_max,
+      sample_w=d.sample_w)
+  return c
+
+
+def seed_student(config, workdir: str):
+  """Writes step 0 of a stage: params (and EMA) copied from the teacher; parameters the
+  teacher lacks (a new guidance-weight embedding, zero-initialised) keep their init."""
+  setup = trainer.build(config, workdir=workdir, with_frozen=False)
+  state = setup.init()
+  teacher, _ = distill_family.load_teacher(config.distill.teacher,
+                                           config.distill.teacher_step or None)
+  from_teacher = nnx.state(teacher, nnx.Param).to_pure_dict()
+
+  def copy(student, source, path=""):
+    out = {}
+    for key, value in student.items():
+      if isinstance(value, dict):
+        out[key] = copy(value, source.get(key, {}), f"{path}/{key}")
+      elif key in source:
+        if np.shape(source[key]) != np.shape(value):
+          raise ValueError(f"teacher parameter {path}/{key} has shape {np.shape(source[key])}, "
+                           f"the student's {np.shape(value)}: not the same architecture")
+        out[key] = source[key]
+      else:
+        out[key] = value
+    return out
+
+  params = state["params"]
+  nnx.replace_by_pure_dict(params, copy(params.to_pure_dict(), from_teacher))
+  state = dict(state, params=params, ema=jax.tree.map(lambda a: a, params))
+  state = jax.device_put(state, setup.state_shardings)
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=config.train.keep_checkpoints)
+  ckpt.save(0, state, config=config, force=True)
+  ckpt.close()
+
+
+# ------------------------------------------------------------------------------- summaries
+
+
+def _conditional(config) -> bool:
+  base = config.distill.base_family if config.family == "distill" else config.family
+  return base == "imagen" or bool(config.model.num_classes)
+
+
+def sample_quality(setup, params, num: int, num_steps: int, seed: int):
+  """(integer samples, report): FD (and class accuracy for conditional models) when the data
+  are the digits; {} otherwise."""
+  samples = trainer.sample_images(setup, params, jax.random.key(seed), num=num,
+                                  num_steps=num_steps)
+  config = setup.config
+  if config.data.name != "digits":
+    return samples, {}
+  labels = None
+  if _conditional(config):
+    source = trainer._source(config, config.data.eval_split, setup.workdir)  # pylint: disable=protected-access
+    labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
+  ints = samples if samples.shape[1] == 8 else samples.repeat(8 // samples.shape[1], 1).repeat(
+      8 // samples.shape[2], 2)
+  return samples, quality.digits_report(ints, labels, num_levels=setup.source.num_levels)
+
+
+def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict) -> dict:
+  """The original teacher's sample quality with `num_steps` DDIM steps (guided at sample_w
+  for a guided pipeline): the baseline a student must beat."""
+  if num_steps not in cache:
+    overrides = {"eval.sampler": "ddim"}
+    if dcfg.distill.guided:
+      overrides["eval.guidance_w"] = dcfg.distill.sample_w
+    setup, state, ckpt = trainer.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
+                                              overrides, with_frozen=False)
+    ckpt.close()
+    cache[num_steps] = sample_quality(setup, state["ema"], num, num_steps, dcfg.seed)[1]
+  return cache[num_steps]
+
+
+def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
+              train_seconds: float) -> dict:
+  setup, state, ckpt = trainer.load_workdir(workdir, with_frozen=False)
+  ckpt.close()
+  num = int(dcfg.distill.eval_samples)
+  start = time.perf_counter()
+  samples, report = sample_quality(setup, state["ema"], num, stage["steps"], dcfg.seed)
+  sample_seconds = time.perf_counter() - start
+  png = os.path.join(workdir, f"samples_{stage['steps']}steps.png")
+  if distributed.is_main_process():
+    images.write_grid(png, samples, setup.source.num_levels)
+  row = {"stage": stage["dir"], "kind": stage["kind"], "student_steps": stage["steps"],
+         "train_steps": int(jax.device_get(state["step"])), "train_seconds": round(train_seconds, 1),
+         "sample_seconds": round(sample_seconds, 2), "samples_png": png,
+         "sampler": dcfg.distill.sampler}
+  row.update({f"student_{k}": v for k, v in report.items()})
+  if report:
+    row.update({f"teacher_ddim_{k}": v for k, v in teacher_quality(
+        teacher_dir, num, stage["steps"], dcfg, cache).items()})
+  return row
+
+
+def _table(rows) -> str:
+  keys = ["stage", "student_steps", "student_fd", "teacher_ddim_fd", "student_accuracy",
+          "teacher_ddim_accuracy", "train_seconds"]
+  keys = [k for k in keys if any(k in r for r in rows)]
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  for r in rows:
+    cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- pipeline
+
+
+def run_pipeline(dcfg, teacher: str, workdir: str) -> list[dict]:
+  """Runs (or resumes) every stage; returns the per-stage summaries."""
+  teacher = os.path.abspath(teacher)
+  teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
+  if teacher_ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {teacher}/checkpoints: train the teacher first "
+                            "(python -m launch.train --config ... --workdir TEACHER)")
+  teacher_config = teacher_ckpt.restore_config(dcfg.distill.teacher_step or None)
+  teacher_ckpt.close()
+  if teacher_config.family == "distill":
+    raise ValueError(f"{teacher} is a distillation stage; pass the original teacher")
+  if dcfg.distill.guided and not _conditional(teacher_config):
+    raise ValueError("guided distillation needs a conditional teacher trained with "
+                     "conditioning dropout (e.g. configs/vdm/digits_cond.py)")
+  rows, previous, cache = [], teacher, {}
+  for stage in plan(dcfg.distill):
+    stage_dir = os.path.join(workdir, stage["dir"])
+    summary_path = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(summary_path):
+      with open(summary_path, encoding="utf-8") as f:
+        rows.append(json.load(f))
+      logging.info("Stage %s done already: %s", stage["dir"], rows[-1])
+      previous = stage_dir
+      continue
+    config = stage_config(teacher_config, dcfg, stage, previous, teacher)
+    if checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1).latest_step() is None:
+      logging.info("Stage %s: student initialised from %s", stage["dir"], previous)
+      seed_student(config, stage_dir)
+    logging.info("Stage %s: %s, %d sampling steps, %d updates", stage["dir"], stage["kind"],
+                 stage["steps"], config.train.num_steps)
+    start = time.perf_counter()
+    trainer.train(config, stage_dir)
+    row = summarize(stage, stage_dir, dcfg, teacher, cache, time.perf_counter() - start)
+    if distributed.is_main_process():
+      with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(row, f, indent=1)
+      os.replace(summary_path + ".tmp", summary_path)
+    logging.info("Stage %s summary: %s", stage["dir"], row)
+    rows.append(row)
+    previous = stage_dir
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "summary.jsonl"), "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics_lib.setup_logging()
+  distributed.initialize()
+  workdir = os.path.abspath(_WORKDIR.value or os.path.join(_TEACHER.value, "distill"))
+  rows = run_pipeline(_CONFIG.value, _TEACHER.value, workdir)
+  print(_table(rows))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
