@@ -40,6 +40,7 @@ setup(
             "vdiff-encode-text=launch.encode_text:run",
             "vdiff-sample-cascade=launch.sample_cascade:run",
             "vdiff-evaluate-cascade=launch.evaluate_cascade:run",
+            "vdiff-distill=launch.distill:run",
         ],
     },
 )

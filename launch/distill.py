@@ -88,10 +88,10 @@ def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_t
   return c
 
 
-def seed_student(config, workdir: str):
+def seed_student(config, workdir: str, devices=None):
   """Writes step 0 of a stage: params (and EMA) copied from the teacher; parameters the
   teacher lacks (a new guidance-weight embedding, zero-initialised) keep their init."""
-  setup = trainer.build(config, workdir=workdir, with_frozen=False)
+  setup = trainer.build(config, devices, workdir=workdir, with_frozen=False)
   state = setup.init()
   teacher, _ = distill_family.load_teacher(config.distill.teacher,
                                            config.distill.teacher_step or None)
@@ -145,7 +145,8 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int):
   return samples, quality.digits_report(ints, labels, num_levels=setup.source.num_levels)
 
 
-def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict) -> dict:
+def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,
+                    devices=None) -> dict:
   """The original teacher's sample quality with `num_steps` DDIM steps (guided at sample_w
   for a guided pipeline): the baseline a student must beat."""
   if num_steps not in cache:
@@ -153,15 +154,15 @@ def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dic
     if dcfg.distill.guided:
       overrides["eval.guidance_w"] = dcfg.distill.sample_w
     setup, state, ckpt = trainer.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
-                                              overrides, with_frozen=False)
+                                              overrides, devices, with_frozen=False)
     ckpt.close()
     cache[num_steps] = sample_quality(setup, state["ema"], num, num_steps, dcfg.seed)[1]
   return cache[num_steps]
 
 
 def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
-              train_seconds: float) -> dict:
-  setup, state, ckpt = trainer.load_workdir(workdir, with_frozen=False)
+              train_seconds: float, devices=None) -> dict:
+  setup, state, ckpt = trainer.load_workdir(workdir, devices=devices, with_frozen=False)
   ckpt.close()
   num = int(dcfg.distill.eval_samples)
   start = time.perf_counter()
@@ -177,7 +178,7 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
   row.update({f"student_{k}": v for k, v in report.items()})
   if report:
     row.update({f"teacher_ddim_{k}": v for k, v in teacher_quality(
-        teacher_dir, num, stage["steps"], dcfg, cache).items()})
+        teacher_dir, num, stage["steps"], dcfg, cache, devices).items()})
   return row
 
 
@@ -195,8 +196,9 @@ def _table(rows) -> str:
 # ------------------------------------------------------------------------------- pipeline
 
 
-def run_pipeline(dcfg, teacher: str, workdir: str) -> list[dict]:
-  """Runs (or resumes) every stage; returns the per-stage summaries."""
+def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
+  """Runs (or resumes) every stage; returns the per-stage summaries. devices: the mesh's
+  devices (default all)."""
   teacher = os.path.abspath(teacher)
   teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
   if teacher_ckpt.latest_step() is None:
@@ -222,12 +224,13 @@ def run_pipeline(dcfg, teacher: str, workdir: str) -> list[dict]:
     config = stage_config(teacher_config, dcfg, stage, previous, teacher)
     if checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1).latest_step() is None:
       logging.info("Stage %s: student initialised from %s", stage["dir"], previous)
-      seed_student(config, stage_dir)
+      seed_student(config, stage_dir, devices)
     logging.info("Stage %s: %s, %d sampling steps, %d updates", stage["dir"], stage["kind"],
                  stage["steps"], config.train.num_steps)
     start = time.perf_counter()
-    trainer.train(config, stage_dir)
-    row = summarize(stage, stage_dir, dcfg, teacher, cache, time.perf_counter() - start)
+    trainer.train(config, stage_dir, devices)
+    row = summarize(stage, stage_dir, dcfg, teacher, cache, time.perf_counter() - start,
+                    devices)
     if distributed.is_main_process():
       with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
@@ -235,9 +238,14 @@ def run_pipeline(dcfg, teacher: str, workdir: str) -> list[dict]:
     logging.info("Stage %s summary: %s", stage["dir"], row)
     rows.append(row)
     previous = stage_dir
+  reference = {"stage": "teacher", "student_steps": int(dcfg.distill.start_steps)}
+  if rows and "student_fd" in rows[-1]:   # the teacher at its own step count, for the table
+    reference.update({f"teacher_ddim_{k}": v for k, v in teacher_quality(
+        teacher, int(dcfg.distill.eval_samples), reference["student_steps"], dcfg, cache,
+        devices).items()})
   if distributed.is_main_process():
     with open(os.path.join(workdir, "summary.jsonl"), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+      f.writelines(json.dumps(r) + "\n" for r in [reference] + rows)
   return rows
 
 
@@ -247,8 +255,9 @@ def main(argv):
   metrics_lib.setup_logging()
   distributed.initialize()
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(_TEACHER.value, "distill"))
-  rows = run_pipeline(_CONFIG.value, _TEACHER.value, workdir)
-  print(_table(rows))
+  run_pipeline(_CONFIG.value, _TEACHER.value, workdir)
+  with open(os.path.join(workdir, "summary.jsonl"), encoding="utf-8") as f:
+    print(_table([json.loads(line) for line in f]))
 
 
 def run():

@@ -64,6 +64,9 @@ def _settings(config):
   d = config.distill
   if d.kind not in KINDS:
     raise ValueError(f"unknown distill.kind {d.kind!r}; choose one of {KINDS}")
+  if config.optim.weight_decay:
+    raise ValueError("distillation needs optim.weight_decay=0: decay would move the teacher's "
+                     "noise schedule, which the student must keep (its sampling grid)")
   if d.base_family not in _DATA_AND_COND:
     raise ValueError(f"cannot distil a {d.base_family!r} teacher; supported: "
                      f"{sorted(_DATA_AND_COND)}")

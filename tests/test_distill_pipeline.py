@@ -1,0 +1,123 @@
+"""The `launch.distill` pipeline on the digits runlocal teacher: stages, the student's start
+from its teacher, per-stage summaries, and resuming a stage after a crash."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+from flax import nnx
+
+from configs.distill import digits as distill_digits
+from configs.vdm import digits
+from launch import checkpoint as checkpoint_lib
+from launch import distill, distill_family, trainer
+
+
+def _plan(start, end, guided=False):
+  d = distill_digits.get_config().distill
+  d.update(dict(start_steps=start, end_steps=end, guided=guided))
+  return [(s["dir"], s["kind"], s["steps"]) for s in distill.plan(d)]
+
+
+def test_plan_halves_the_steps_stage_by_stage():
+  assert _plan(64, 4) == [("stage00_n32", "progressive", 32), ("stage01_n16", "progressive", 16),
+                          ("stage02_n8", "progressive", 8), ("stage03_n4", "progressive", 4)]
+  assert _plan(4, 1, guided=True) == [("stage00_guided", "guided", 4),
+                                      ("stage01_n2", "progressive", 2),
+                                      ("stage02_n1", "progressive", 1)]
+  for start, end in [(6, 1), (4, 4), (4, 0)]:
+    with pytest.raises(ValueError, match="power of two"):
+      _plan(start, end)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  config = digits.get_config("runlocal")
+  config.train.update(dict(eval_every=0, sample_every=0, num_steps=4, checkpoint_every=4))
+  trainer.train(config, workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def _params(workdir, step):
+  setup, state, ckpt = trainer.load_workdir(workdir, step, devices=jax.devices()[:1],
+                                            with_frozen=False)
+  ckpt.close()
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))
+
+
+def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, monkeypatch):
+  dcfg = distill_digits.get_config("runlocal")
+  dcfg.distill.update(dict(start_steps=4, end_steps=1, train_steps=6))
+  dcfg.train.update(dict(log_every=1, checkpoint_every=2, keep_checkpoints=100))
+  workdir = str(tmp_path / "distill")
+  devices = jax.devices()[:1]
+
+  # 1. a crash right after stage01 saved step 4 (of 6)
+  original_save = checkpoint_lib.Checkpointer.save
+
+  def crashing_save(self, step, *args, **kwargs):
+    out = original_save(self, step, *args, **kwargs)
+    if str(self.directory).find("stage01_n1") >= 0 and step == 4:
+      raise KeyboardInterrupt("simulated kill in stage01 at step 4")
+    return out
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", crashing_save)
+  with pytest.raises(KeyboardInterrupt):
+    distill.run_pipeline(dcfg, teacher, workdir, devices)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", original_save)
+  stage0, stage1 = os.path.join(workdir, "stage00_n2"), os.path.join(workdir, "stage01_n1")
+  assert os.path.exists(os.path.join(stage0, "summary.json"))
+  assert not os.path.exists(os.path.join(stage1, "summary.json"))
+  with open(os.path.join(stage0, "summary.json"), encoding="utf-8") as f:
+    summary0 = json.load(f)
+
+  # 2. the same command again: stage00 is skipped, stage01 continues from step 4
+  rows = distill.run_pipeline(dcfg, teacher, workdir, devices)
+  assert [r["stage"] for r in rows] == ["stage00_n2", "stage01_n1"]
+  assert rows[0] == summary0
+  assert [r["student_steps"] for r in rows] == [2, 1] and all(r["train_steps"] == 6 for r in rows)
+  with open(os.path.join(stage1, "metrics.jsonl"), encoding="utf-8") as f:
+    steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4, 5, 6], steps        # no step trained twice, none skipped
+
+  # 3. each student started as a copy of its teacher (step 0 = the teacher's EMA weights)
+  for student_dir, teacher_dir, teacher_step in [(stage0, teacher, 4), (stage1, stage0, 6)]:
+    got = _params(student_dir, 0)
+    _, state, ckpt = trainer.load_workdir(teacher_dir, teacher_step,
+                                              devices=devices, with_frozen=False)
+    ckpt.close()
+    want = jax.tree.map(np.asarray, nnx.to_pure_dict(state["ema"]))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+  # 4. summaries: quality of the student and of the teacher at the same step count, a grid
+  for row in rows:
+    assert np.isfinite(row["student_fd"]) and np.isfinite(row["teacher_ddim_fd"])
+    image = PIL.Image.open(row["samples_png"])
+    assert image.size[0] >= 8 * 4
+  with open(os.path.join(workdir, "summary.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["stage"] for r in lines] == ["teacher", "stage00_n2", "stage01_n1"]
+  assert lines[0]["student_steps"] == 4 and np.isfinite(lines[0]["teacher_ddim_fd"])
+
+
+def test_student_samples_with_one_step_equal_one_ddim_step_of_its_network(teacher):
+  """The family's sampler: N=1 is x-hat at t = 1 from z_1 ~ N(0, I), statically clipped."""
+  setup, state, ckpt = trainer.load_workdir(teacher, devices=jax.devices()[:1])
+  ckpt.close()
+  model = trainer.model_with(setup, state["ema"])
+  config = setup.config.unlock()
+  config.distill = dict(kind="progressive", base_family="vdm", sample_w=1.0, sampler="ddim",
+                        clip="static")
+  config.model.guidance_embedding = False
+  batch = {"image": np.zeros((3, 8, 8, 1), np.int32), "label": np.zeros(3, np.int32)}
+  rng = jax.random.key(0)
+  got = distill_family.sample(model, rng, batch, config, num_steps=1)
+  _, k_sample = jax.random.split(rng)
+  z = jax.random.normal(jax.random.split(k_sample)[0], (3, 8, 8, 1))
+  x = np.clip(np.asarray(model.denoise(z, model.logsnr(np.ones(3, np.float32))).x), -1, 1)
+  want = np.clip(np.floor((x + 1) / 2 * 17), 0, 16)
+  assert np.mean(np.asarray(got) == want) > 0.97
