@@ -2,6 +2,7 @@ r"""Prompt alignment and Frechet distance of a digits cascade, swept over the gu
 
   python -m launch.evaluate_cascade --stages runs/imagen_base,runs/imagen_sr \
       --guidance 0,1,3 --num_per_digit 20 [--steps 64,64] [--aug_level 0.0]
+      [--aug_sweep 0,0.1,0.2,0.4]     # pick the SR augmentation level for sampling
 
 For each w, one prompt per generated image (a caption of digit d in a phrasing the data
 uses, d cycling over 0..9) goes through the whole cascade with guidance w at the base stage
@@ -29,6 +30,9 @@ _GUIDANCE = flags.DEFINE_list("guidance", ["0", "1", "3"], "Base-stage guidance 
 _NUM = flags.DEFINE_integer("num_per_digit", 20, "Images per digit and weight.")
 _STEPS = flags.DEFINE_list("steps", ["64"], "Sampling steps per stage.")
 _AUG = flags.DEFINE_list("aug_level", ["0.0"], "SR augmentation level per stage.")
+_AUG_SWEEP = flags.DEFINE_list("aug_sweep", None, "Sweep the SR stages' augmentation level "
+                               "over these values (the same level for every SR stage; "
+                               "overrides --aug_level), for each guidance weight.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
@@ -53,14 +57,15 @@ def main(argv):
   n = len(stages)
   prompts, labels = digit_prompts(_NUM.value)
   results = []
-  for w in [float(v) for v in _GUIDANCE.value]:
-    outputs, configs, setups, _, _ = run_cascade(
+  aug_settings = ([[0.0] + [float(a)] * (n - 1) for a in _AUG_SWEEP.value] if _AUG_SWEEP.value
+                  else [per_stage(_AUG.value, n, "aug_level", float)])
+  for w, aug_levels in [(float(v), a) for v in _GUIDANCE.value for a in aug_settings]:
+    outputs, _, setups, _, _ = run_cascade(
         stages, prompts, num_per_prompt=1, steps=per_stage(_STEPS.value, n, "steps", int),
         guidance=[w] + [0.0] * (n - 1), samplers_=["ddim"] * n,
-        aug_levels=per_stage(_AUG.value, n, "aug_level", float), threshold="dynamic",
-        seed=_SEED.value)
+        aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value)
     levels = setups[0].source.num_levels
-    row = {"guidance_w": w, "num_images": len(prompts)}
+    row = {"guidance_w": w, "aug_levels": aug_levels, "num_images": len(prompts)}
     for i, x in enumerate(outputs):
       for key, value in score(x, labels, levels).items():
         row[f"stage{i}_{key}"] = value
