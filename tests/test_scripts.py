@@ -384,3 +384,26 @@ def test_local_multiprocess_runs_waits_and_stops_all_on_failure(tmp_path, stub):
   assert time.time() - start < 10  # the survivors (sleeping 30 s) were stopped
   assert (stub[1] / "0.term").exists() and (stub[1] / "2.term").exists()
   assert not (stub[1] / "1.term").exists()
+
+
+# --- distill (all three scripts) ---
+
+@pytest.mark.parametrize("name", ["local.sh", "gpu.sh"])
+def test_distill_runs_the_pipeline_entry_point(name):
+  (argv,) = commands(script(name, "distill", "runs/digits", "configs/distill/digits.py",
+                            "runs/d", "--config.distill.end_steps=4"))
+  assert argv == ["python3", "-m", "launch.distill", "--teacher", "runs/digits", "--config",
+                  "configs/distill/digits.py", "--workdir", "runs/d",
+                  "--config.distill.end_steps=4"]
+  missing = script(name, "distill", "runs/digits", "configs/distill/nope.py", "runs/d")
+  assert missing.returncode != 0 and "configs/distill/nope.py not found" in missing.stderr
+  short = script(name, "distill", "runs/digits")
+  assert short.returncode != 0 and "TEACHER CONFIG WORKDIR" in short.stderr
+
+
+def test_tpu_distill_runs_detached_on_every_worker():
+  (argv,) = tpu("distill", "gs://bucket/teacher", "configs/distill/cifar10.py",
+                "--config.distill.train_steps=10")
+  assert ("python -m launch.distill --teacher gs://bucket/teacher --config "
+          "configs/distill/cifar10.py --workdir gs://bucket/run "
+          "--config.distill.train_steps=10 >> ~/vdiff-logs/distill.log" in assert_ssh_all(argv))

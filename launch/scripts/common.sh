@@ -27,8 +27,17 @@ train_args() {
   TRAIN_ARGS=(-m launch.train --config "$config" --workdir "$workdir" "$@")
 }
 
-# train / evaluate / sample as one process on this host (tpu.sh redefines them for workers).
+# The distillation arguments, checked: TEACHER CONFIG WORKDIR [OVERRIDES...].
+distill_args() {
+  [[ $# -ge 3 ]] || die "expected TEACHER CONFIG WORKDIR [OVERRIDES...], e.g. runs/digits configs/distill/digits.py runs/digits_distill"
+  local teacher=$1 config=$2 workdir=$3; shift 3
+  [[ -f $REPO_ROOT/${config%%:*} ]] || die "config file ${config%%:*} not found in $REPO_ROOT"
+  DISTILL_ARGS=(-m launch.distill --teacher "$teacher" --config "$config" --workdir "$workdir" "$@")
+}
+
+# train / evaluate / sample / distill as one process on this host (tpu.sh redefines them).
 cmd_train() { train_args "$@"; cd "$REPO_ROOT" || exit; run "$PYTHON" "${TRAIN_ARGS[@]}"; }
+cmd_distill() { distill_args "$@"; cd "$REPO_ROOT" || exit; run "$PYTHON" "${DISTILL_ARGS[@]}"; }
 cmd_evaluate() {
   [[ $# -ge 1 ]] || die "evaluate needs WORKDIR"
   local workdir=$1; shift

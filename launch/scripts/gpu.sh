@@ -31,6 +31,8 @@ Usage: gpu.sh [--dry-run] SUBCOMMAND [ARGS...]
   train CONFIG WORKDIR [OVERRIDES...]        this host, one process over all its GPUs
   evaluate WORKDIR [ARGS...]                 this host
   sample WORKDIR [ARGS...]                   this host (ARGS: --num N --steps S)
+  distill TEACHER CONFIG WORKDIR [OVERRIDES...]
+                                             this host: every stage of python -m launch.distill
   multi HOSTFILE CONFIG WORKDIR [OVERRIDES...]
                                              train on every host of HOSTFILE (one per line,
                                              first = coordinator), started detached over ssh
@@ -119,7 +121,7 @@ main() {
   local sub=${1:-}
   shift || true
   case $sub in
-    train|evaluate|sample|multi|logs|stop|slurm) "cmd_$sub" "$@" ;;
+    train|evaluate|sample|distill|multi|logs|stop|slurm) "cmd_$sub" "$@" ;;
     -h|--help|help) usage ;;
     *) usage >&2; [[ -z $sub ]] || echo "gpu.sh: unknown subcommand '$sub'" >&2; exit 2 ;;
   esac

@@ -26,6 +26,7 @@ Usage: local.sh [--dry-run] SUBCOMMAND [ARGS...]
   train CONFIG WORKDIR [OVERRIDES...]            one process, default JAX devices
   evaluate WORKDIR [ARGS...]                     one process
   sample WORKDIR [ARGS...]                       one process (ARGS: --num N --steps S)
+  distill TEACHER CONFIG WORKDIR [OVERRIDES...]  one process: every stage of python -m launch.distill
   multiprocess N CONFIG WORKDIR [OVERRIDES...]   N CPU processes (K devices each) training
                                                  together; stops all if one fails
 
@@ -104,7 +105,7 @@ main() {
   local sub=${1:-}
   shift || true
   case $sub in
-    train|evaluate|sample|multiprocess) "cmd_$sub" "$@" ;;
+    train|evaluate|sample|distill|multiprocess) "cmd_$sub" "$@" ;;
     -h|--help|help) usage ;;
     *) usage >&2; [[ -z $sub ]] || echo "local.sh: unknown subcommand '$sub'" >&2; exit 2 ;;
   esac

@@ -39,6 +39,8 @@ Usage: tpu.sh [--dry-run] SUBCOMMAND [ARGS...]
   train CONFIG [OVERRIDES...]   python -m launch.train --config CONFIG --workdir $WORKDIR ...
   evaluate [ARGS...]            python -m launch.evaluate --workdir $WORKDIR ARGS
   sample [ARGS...]              python -m launch.sample --workdir $WORKDIR ARGS (--num N --steps S)
+  distill TEACHER CONFIG [OVERRIDES...]
+                                python -m launch.distill --teacher TEACHER --config CONFIG --workdir $WORKDIR
   logs [JOB]                    follow JOB's log (default train) on worker ${WORKER:-0}
   status                        state of the slice, and which jobs run on which worker
   stop [JOB]                    SIGTERM to JOB on every worker: it saves a checkpoint and exits
@@ -172,6 +174,16 @@ cmd_train() {
   on_workers "$(job_command train --config "$config" --workdir "$WORKDIR" "$@")"
 }
 
+# distill TEACHER CONFIG [OVERRIDES...]: every distillation stage into WORKDIR, on every worker.
+cmd_distill() {
+  need TPU_NAME ZONE
+  check_workdir
+  [[ $# -ge 2 ]] || die "distill needs the teacher's workdir and a config: tpu.sh distill gs://b/teacher configs/distill/cifar10.py"
+  local teacher=$1 config=$2; shift 2
+  [[ -f $REPO_ROOT/${config%%:*} ]] || die "config file ${config%%:*} not found in $REPO_ROOT"
+  on_workers "$(job_command distill --teacher "$teacher" --config "$config" --workdir "$WORKDIR" "$@")"
+}
+
 # evaluate / sample [ARGS...]: read the run in WORKDIR; ARGS go to the entry point.
 cmd_evaluate() { need TPU_NAME ZONE; check_workdir; on_workers "$(job_command evaluate --workdir "$WORKDIR" "$@")"; }
 cmd_sample() { need TPU_NAME ZONE; check_workdir; on_workers "$(job_command sample --workdir "$WORKDIR" "$@")"; }
@@ -191,7 +203,7 @@ cmd_status() {
   else
     run gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOC[@]}"
   fi
-  on_workers "for j in train evaluate sample; do p=\$(cat $LOG_DIR/\$j.pid 2>/dev/null) && kill -0 \"\$p\" 2>/dev/null && echo \"\$(hostname): \$j running (pid \$p)\"; done; true" ||
+  on_workers "for j in train evaluate sample distill; do p=\$(cat $LOG_DIR/\$j.pid 2>/dev/null) && kill -0 \"\$p\" 2>/dev/null && echo \"\$(hostname): \$j running (pid \$p)\"; done; true" ||
     echo "tpu.sh: workers not reachable (is the node ACTIVE yet?)" >&2
 }
 
@@ -219,7 +231,7 @@ main() {
   local sub=${1:-}
   shift || true
   case $sub in
-    create|copy|clone|install|train|evaluate|sample|logs|status|stop|delete) "cmd_$sub" "$@" ;;
+    create|copy|clone|install|train|evaluate|sample|distill|logs|status|stop|delete) "cmd_$sub" "$@" ;;
     -h|--help|help) usage ;;
     *) usage >&2; [[ -z $sub ]] || echo "tpu.sh: unknown subcommand '$sub'" >&2; exit 2 ;;
   esac
