@@ -138,7 +138,7 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int):
     return samples, {}
   labels = None
   if _conditional(config):
-    source = trainer._source(config, config.data.eval_split, setup.workdir)  # pylint: disable=protected-access
+    source = trainer.data_source(config, config.data.eval_split, setup.workdir)
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
   ints = samples if samples.shape[1] == 8 else samples.repeat(8 // samples.shape[1], 1).repeat(
       8 // samples.shape[2], 2)

@@ -50,7 +50,7 @@ def _check_config(config):
                      f"{config.train.nan_policy!r}")
 
 
-def _source(config, split, workdir=None):
+def data_source(config, split, workdir=None):
   """A split's source; a family may wrap it (e.g. Imagen adds cached text embeddings)."""
   family = families.get_family(config.family)
   source = family.get_source(config, split) if family.get_source else None
@@ -70,7 +70,7 @@ def build(config, devices=None, workdir=None, with_frozen: bool = True) -> Setup
   _check_config(config)
   family = families.get_family(config.family)
   mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
-  source = _source(config, config.data.train_split, workdir)
+  source = data_source(config, config.data.train_split, workdir)
   tx = train_state.make_optimizer(config.optim, config.train.num_steps)
 
   def init():
@@ -151,7 +151,7 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
   """Full-pass bits/dim of a split with the given (usually EMA) params, from the VLB or (method
   "ode") the probability-flow ODE with options num_steps and hutchinson."""
   config = setup.config
-  source = _source(config, split, setup.workdir)
+  source = data_source(config, split, setup.workdir)
   if config.eval.max_examples:
     source = _Prefix(source, config.eval.max_examples)
   if method == "vlb" and setup.family.eval_terms is not None:
@@ -217,7 +217,7 @@ def sample_images(setup: Setup, params, rng, *, num: int, num_steps: int) -> np.
   """`num` samples as integer levels, gathered on every process. Conditional families take
   their conditioning (labels, captions) from the first `num` examples of the eval split."""
   config = setup.config
-  source = _source(config, config.data.eval_split, setup.workdir)
+  source = data_source(config, config.data.eval_split, setup.workdir)
   examples = [source[i] for i in range(min(num, len(source)))]
   keys = [k for k in setup.family.batch_keys if k in examples[0]]
   host = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
