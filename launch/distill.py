@@ -17,7 +17,8 @@ stages whose summary exists and resumes the first unfinished one at its latest c
 After each stage `summary.json` records the step count, sample quality (for the digits: the
 Frechet distance in a small classifier's features and, for conditional models, the class
 accuracy; launch/quality.py), the same measure for the original teacher sampled with the
-same number of DDIM steps, the stage's training time, and a PNG grid of samples;
+same number of DDIM steps (other data: FID, given distill.fid_weights), the stage's
+training time, and a PNG grid of samples;
 `WORKDIR/summary.jsonl` and the printed table gather all stages.
 """
 
@@ -128,21 +129,29 @@ def _conditional(config) -> bool:
   return base == "imagen" or bool(config.model.num_classes)
 
 
-def sample_quality(setup, params, num: int, num_steps: int, seed: int):
-  """(integer samples, report): FD (and class accuracy for conditional models) when the data
-  are the digits; {} otherwise."""
+def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weights: str = ""):
+  """(integer samples, report). Digits: FD in the small classifier's features, and class
+  accuracy for conditional models. Other data: FID against the first `num` images of the
+  eval split when `fid_weights` (launch/fid.py's Inception file) is given, else {}."""
   samples = trainer.sample_images(setup, params, jax.random.key(seed), num=num,
                                   num_steps=num_steps)
   config = setup.config
+  levels = setup.source.num_levels
   if config.data.name != "digits":
-    return samples, {}
+    if not fid_weights:
+      return samples, {}
+    from launch import fid  # pylint: disable=g-import-not-at-top
+    source = trainer.data_source(config, config.data.eval_split, setup.workdir)
+    real = np.stack([np.asarray(source[i]["image"]) for i in range(len(samples))])
+    return samples, {"fid": fid.fid_from_images(images.to_uint8(samples, levels),
+                                                images.to_uint8(real, levels), fid_weights)}
   labels = None
   if _conditional(config):
     source = trainer.data_source(config, config.data.eval_split, setup.workdir)
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
   ints = samples if samples.shape[1] == 8 else samples.repeat(8 // samples.shape[1], 1).repeat(
       8 // samples.shape[2], 2)
-  return samples, quality.digits_report(ints, labels, num_levels=setup.source.num_levels)
+  return samples, quality.digits_report(ints, labels, num_levels=levels)
 
 
 def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,
@@ -156,7 +165,8 @@ def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dic
     setup, state, ckpt = trainer.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
                                               overrides, devices, with_frozen=False)
     ckpt.close()
-    cache[num_steps] = sample_quality(setup, state["ema"], num, num_steps, dcfg.seed)[1]
+    cache[num_steps] = sample_quality(setup, state["ema"], num, num_steps, dcfg.seed,
+                                      dcfg.distill.fid_weights)[1]
   return cache[num_steps]
 
 
@@ -166,7 +176,8 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
   ckpt.close()
   num = int(dcfg.distill.eval_samples)
   start = time.perf_counter()
-  samples, report = sample_quality(setup, state["ema"], num, stage["steps"], dcfg.seed)
+  samples, report = sample_quality(setup, state["ema"], num, stage["steps"], dcfg.seed,
+                                   dcfg.distill.fid_weights)
   sample_seconds = time.perf_counter() - start
   png = os.path.join(workdir, f"samples_{stage['steps']}steps.png")
   if distributed.is_main_process():
@@ -183,8 +194,8 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
 
 
 def _table(rows) -> str:
-  keys = ["stage", "student_steps", "student_fd", "teacher_ddim_fd", "student_accuracy",
-          "teacher_ddim_accuracy", "train_seconds"]
+  keys = ["stage", "student_steps", "student_fd", "teacher_ddim_fd", "student_fid",
+          "teacher_ddim_fid", "student_accuracy", "teacher_ddim_accuracy", "train_seconds"]
   keys = [k for k in keys if any(k in r for r in rows)]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
@@ -199,6 +210,9 @@ def _table(rows) -> str:
 def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
   """Runs (or resumes) every stage; returns the per-stage summaries. devices: the mesh's
   devices (default all)."""
+  if dcfg.distill.fid_weights:   # fail now, not after the first stage has trained
+    from launch import fid  # pylint: disable=g-import-not-at-top
+    fid.check_inception_file(dcfg.distill.fid_weights)
   teacher = os.path.abspath(teacher)
   teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
   if teacher_ckpt.latest_step() is None:
@@ -239,7 +253,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
     rows.append(row)
     previous = stage_dir
   reference = {"stage": "teacher", "student_steps": int(dcfg.distill.start_steps)}
-  if rows and "student_fd" in rows[-1]:   # the teacher at its own step count, for the table
+  if rows and ("student_fd" in rows[-1] or "student_fid" in rows[-1]):   # teacher's own row
     reference.update({f"teacher_ddim_{k}": v for k, v in teacher_quality(
         teacher, int(dcfg.distill.eval_samples), reference["student_steps"], dcfg, cache,
         devices).items()})

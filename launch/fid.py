@@ -282,9 +282,15 @@ def _batched(fn, images: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate(outs).astype(np.float64)
 
 
+def check_inception_file(weights_path) -> str:
+  """The path, or FileNotFoundError naming it and how to make it (call before long runs)."""
+  return _require_file(weights_path, f"FID Inception weights ({INCEPTION_FILE})",
+                       INCEPTION_HOWTO)
+
+
 def inception_features(images, weights_path, batch_size: int = 50) -> np.ndarray:
   """Inception-v3 pool3 features [N, 2048] (float64) of uint8 or [0, 1] float images."""
-  _require_file(weights_path, f"FID Inception weights ({INCEPTION_FILE})", INCEPTION_HOWTO)
+  check_inception_file(weights_path)
   params = _cached_inception(os.path.abspath(weights_path), os.path.getmtime(weights_path))
   images = to_unit_images(images)
   return _batched(functools.partial(inception_pool3, params), images,

@@ -33,6 +33,17 @@ def test_plan_halves_the_steps_stage_by_stage():
       _plan(start, end)
 
 
+def test_missing_fid_weights_fail_before_any_training(tmp_path):
+  dcfg = distill_digits.get_config("runlocal")
+  dcfg.distill.fid_weights = str(tmp_path / "inception_fid.safetensors")
+  with pytest.raises(FileNotFoundError, match="inception_fid.safetensors"):
+    distill.run_pipeline(dcfg, str(tmp_path / "no_teacher"), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+  with pytest.raises(FileNotFoundError, match="train the teacher first"):
+    distill.run_pipeline(distill_digits.get_config("runlocal"), str(tmp_path / "no_teacher"),
+                         str(tmp_path / "out"))
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("teacher"))

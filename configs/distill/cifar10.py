@@ -4,7 +4,7 @@ sampled with 8192 DDIM steps halved 13 times down to 1 step, 50k updates per hal
 
   python -m launch.train --config configs/distill/cifar10_teacher.py --workdir gs://b/cifar_teacher
   python -m launch.distill --teacher gs://b/cifar_teacher --config configs/distill/cifar10.py \
-      --workdir gs://b/cifar_distill
+      --workdir gs://b/cifar_distill --config.distill.fid_weights=inception_fid.safetensors
   python -m launch.distill --teacher /tmp/smoke --config configs/distill/cifar10.py:runlocal \
       --workdir /tmp/smoke_distill
 """
