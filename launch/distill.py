@@ -236,7 +236,10 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
       previous = stage_dir
       continue
     config = stage_config(teacher_config, dcfg, stage, previous, teacher)
-    if checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1).latest_step() is None:
+    probe = checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1_000_000)
+    fresh = probe.latest_step() is None
+    probe.close()
+    if fresh:
       logging.info("Stage %s: student initialised from %s", stage["dir"], previous)
       seed_student(config, stage_dir, devices)
     logging.info("Stage %s: %s, %d sampling steps, %d updates", stage["dir"], stage["kind"],
