@@ -426,9 +426,9 @@ class Checkpointer:
 
   def _data_state(self, step, restored, present, data_iterator):
     if _DATA_ITERATOR in present:
-      if data_iterator is None:
-        logging.warning("Checkpoint step %d holds a data iterator state; pass "
-                        "data_iterator= to restore() to resume the data order.", step)
+      if data_iterator is None:   # normal when reading weights to evaluate, sample, distil
+        logging.info("Checkpoint step %d holds a data iterator state, not restored (pass "
+                     "data_iterator= to restore() to resume the data order).", step)
         return None
       return restored[_DATA_ITERATOR]
     if _DATA_STATE in present:
