@@ -132,3 +132,13 @@ def test_student_samples_with_one_step_equal_one_ddim_step_of_its_network(teache
   x = np.clip(np.asarray(model.denoise(z, model.logsnr(np.ones(3, np.float32))).x), -1, 1)
   want = np.clip(np.floor((x + 1) / 2 * 17), 0, 16)
   assert np.mean(np.asarray(got) == want) > 0.97
+
+
+def test_bad_teachers_are_clear_errors(teacher, tmp_path):
+  dcfg = distill_digits.get_config("runlocal")
+  dcfg.distill.guided = True      # the runlocal teacher is unconditional
+  with pytest.raises(ValueError, match="guided distillation needs a conditional teacher"):
+    distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
+  dcfg.distill.update(dict(guided=False, start_steps=6))
+  with pytest.raises(ValueError, match="power of two"):
+    distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
