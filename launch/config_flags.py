@@ -243,3 +243,18 @@ def config_from_json(text: str) -> ConfigDict:
   config = ConfigDict(data)
   config.lock()
   return config
+
+
+def fill_missing(config: ConfigDict, defaults: ConfigDict, prefix: str = "") -> list[str]:
+  """Adds to `config` (unlocked) every key of `defaults` it lacks, recursively, and returns
+  the dotted names added: a checkpoint saved before a key existed still loads, with that
+  key's default. Existing values are never changed."""
+  added = []
+  for key, value in defaults.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      config[key] = value
+      added.append(name)
+    elif isinstance(value, ConfigDict) and isinstance(config[key], ConfigDict):
+      added += fill_missing(config[key], value, name + ".")
+  return added

@@ -171,5 +171,6 @@ DISTILL = families.Family(
         _base(config).wrap_source(config, source, split, workdir)
         if _base(config).wrap_source else source),
     frozen_init=_frozen_init,
+    default_config=lambda saved: _base(saved).default_config(saved),
     batch_keys=families.IMAGEN.batch_keys,
 )

@@ -30,6 +30,8 @@ class Family:
   wrap_source(config, source, split, workdir) -> source, e.g. adding cached text embeddings
   frozen_init(config) -> an untrained nnx module (e.g. T5) or None; when given, the trainer
     passes it, sharded, as one more argument to loss_and_grads and sample
+  default_config(saved_config) -> the family's config with every key at its default, used
+    to complete configs saved before a key existed
   batch_keys: which loader fields go to the device."""
   build_model: Callable
   loss_and_grads: Callable
@@ -39,6 +41,7 @@ class Family:
   get_source: Callable | None = None
   wrap_source: Callable | None = None
   frozen_init: Callable | None = None
+  default_config: Callable | None = None
   batch_keys: tuple = ("image", "label")
 
 
@@ -63,8 +66,15 @@ def _vdm_sample(model, rng, batch, config, *, num_steps):
                                guidance_w=config.eval.get("guidance_w", 0.0))
 
 
+def _vdm_defaults(saved):
+  del saved
+  from configs.vdm import common  # pylint: disable=g-import-not-at-top
+  return common.base_config()
+
+
 VDM = Family(
     build_model=_vdm_build,
+    default_config=_vdm_defaults,
     loss_and_grads=lambda g, p, b, r, c: vdm_experiment.loss_and_grads(g, p, b, r, c.model),
     eval_terms=lambda m, b, r, c: vdm_experiment.per_example_vlb(m, b, r, c.model),
     sample=_vdm_sample,
@@ -168,8 +178,16 @@ def _imagen_sample(model, rng, batch, config, text_encoder=None, *, num_steps):
   return losses.x_to_int(x, model.num_levels)
 
 
+def _imagen_defaults(saved):
+  from configs.imagen import common  # pylint: disable=g-import-not-at-top
+  m = saved.model
+  return common.stage_config(resolution=m.resolution, lowres_size=m.lowres_size,
+                             unet_preset=m.unet_preset, text_dim=m.text_dim)
+
+
 IMAGEN = Family(
     build_model=_imagen_build,
+    default_config=_imagen_defaults,
     loss_and_grads=_imagen_loss_and_grads,
     sample=_imagen_sample,
     get_source=_imagen_get_source,

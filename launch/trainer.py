@@ -21,7 +21,7 @@ from flax import nnx
 
 from launch import checkpoint as checkpoint_lib
 from launch import distributed, families, images, mesh as mesh_lib, metrics as metrics_lib
-from launch import train_state
+from launch import config_flags, train_state
 from launch.data import pipeline
 from vdm import likelihood
 
@@ -186,6 +186,11 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
                             f"first with: python -m launch.train --config ... --workdir {workdir}")
   config = ckpt.restore_config(step).unlock()
+  family = families.get_family(config.family)
+  if family.default_config is not None:
+    added = config_flags.fill_missing(config, family.default_config(config))
+    if added:
+      logging.info("Config saved in %s predates %s; using their defaults.", workdir, added)
   for key, value in (overrides or {}).items():
     if value is not None:
       *parents, leaf = key.split(".")

@@ -132,3 +132,11 @@ def test_json_round_trip(config_path):
 def test_json_rejects_values_it_cannot_store():
   with pytest.raises(TypeError, match="model.act"):
     config_flags.config_to_json(ml_collections.ConfigDict({"model": {"act": print}}))
+
+
+def test_fill_missing_adds_only_absent_keys_recursively():
+  saved = ml_collections.ConfigDict({"a": 1, "m": {"x": 5}})
+  defaults = ml_collections.ConfigDict({"a": 2, "b": 3, "m": {"x": 0, "y": 7}, "n": {"z": 1}})
+  added = config_flags.fill_missing(saved, defaults)
+  assert sorted(added) == ["b", "m.y", "n"]
+  assert saved.a == 1 and saved.b == 3 and saved.m.x == 5 and saved.m.y == 7 and saved.n.z == 1

@@ -142,3 +142,17 @@ def test_bad_teachers_are_clear_errors(teacher, tmp_path):
   dcfg.distill.update(dict(guided=False, start_steps=6))
   with pytest.raises(ValueError, match="power of two"):
     distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
+
+
+def test_a_checkpoint_saved_before_a_config_key_existed_still_loads(teacher, tmp_path):
+  """Old workdirs: keys added to the configs later get their defaults when loading."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  old = str(tmp_path / "old")
+  shutil.copytree(teacher, old)
+  (meta,) = [p for p in (tmp_path / "old" / "checkpoints").glob("*/config/metadata")]
+  saved = json.loads(meta.read_text())
+  del saved["model"]["p_uncond"], saved["eval"]["guidance_w"]
+  meta.write_text(json.dumps(saved))
+  setup, _, ckpt = trainer.load_workdir(old, devices=jax.devices()[:1], with_frozen=False)
+  ckpt.close()
+  assert setup.config.model.p_uncond == 0.0 and setup.config.eval.guidance_w == 0.0
