@@ -152,12 +152,9 @@ def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, gui
            sampler: str = "ddim", eta: float = 0.0, threshold: str = "dynamic",
            percentile: float = 99.5):
   """`num` images in [-1, 1] from this stage given its cond (text, and lowres for SR)."""
-  clip = {"dynamic": thresholding.dynamic_threshold(percentile),
-          "static": samplers.static_clip(), "none": samplers.no_clip}
-  if threshold not in clip:
-    raise ValueError(f"unknown threshold {threshold!r}; choose one of {sorted(clip)}")
+  clip_x = thresholding.clip_hook(threshold, percentile)
   denoise = guidance.guided(lambda z, lam, c: model.denoise(z, lam, c), guidance_w,
                             guidance.drop_text)
   return samplers.sample(denoise, model.logsnr, (num,) + model.image_shape, rng,
-                         num_steps=num_steps, sampler=sampler, eta=eta, clip_x=clip[threshold],
+                         num_steps=num_steps, sampler=sampler, eta=eta, clip_x=clip_x,
                          cond=cond)

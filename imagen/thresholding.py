@@ -11,6 +11,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vdm import samplers
+
+HOOKS = ("dynamic", "static", "none")
+
 
 def dynamic_threshold(percentile: float = 99.5) -> Callable[[jax.Array], jax.Array]:
   """Returns the hook for the given percentile (Imagen's default 99.5)."""
@@ -24,3 +28,14 @@ def dynamic_threshold(percentile: float = 99.5) -> Callable[[jax.Array], jax.Arr
     return jnp.clip(x_hat, -s, s) / s
 
   return threshold
+
+
+def clip_hook(name: str, percentile: float = 99.5) -> Callable[[jax.Array], jax.Array]:
+  """The sampler's x-hat hook by name: dynamic thresholding, static [-1, 1], or none."""
+  if name == "dynamic":
+    return dynamic_threshold(percentile)
+  if name == "static":
+    return samplers.static_clip()
+  if name == "none":
+    return samplers.no_clip
+  raise ValueError(f"unknown x-hat clipping {name!r}; choose one of {HOOKS}")

@@ -36,10 +36,6 @@ def shard_batch(mesh, tree, num_shards: int):
   return jax.tree.map(one, tree)
 
 
-def data_shards(mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
-
-
 CascadeResult = collections.namedtuple(
     "CascadeResult", ["images", "configs", "setups", "compile_seconds", "sample_seconds"])
 
@@ -66,7 +62,7 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
       if previous is None:
         raise ValueError(f"stage {stages[i]} is a super-resolution stage; put a base first")
       cond["lowres_image"] = previous
-    shards = data_shards(setup.mesh)
+    shards = mesh_lib.batch_shards(setup.mesh)
     cond = shard_batch(setup.mesh, cond, shards)
     padded = num + (-num % shards)
 

@@ -149,23 +149,26 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weigh
   if _conditional(config):
     source = trainer.data_source(config, config.data.eval_split, setup.workdir)
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
-  ints = samples if samples.shape[1] == 8 else samples.repeat(8 // samples.shape[1], 1).repeat(
-      8 // samples.shape[2], 2)
-  return samples, quality.digits_report(ints, labels, num_levels=levels)
+  return samples, quality.digits_report(quality.upsample_to_digits(samples), labels,
+                                        num_levels=levels)
 
 
 def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,
                     devices=None) -> dict:
   """The original teacher's sample quality with `num_steps` DDIM steps (guided at sample_w
-  for a guided pipeline): the baseline a student must beat."""
-  if num_steps not in cache:
+  for a guided pipeline): the baseline a student must beat. `cache` keeps the restored
+  teacher and each step count's report across calls."""
+  if "teacher" not in cache:   # restored once per pipeline run
     overrides = {"eval.sampler": "ddim"}
     if dcfg.distill.guided:
       overrides["eval.guidance_w"] = dcfg.distill.sample_w
     setup, state, ckpt = trainer.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
                                               overrides, devices, with_frozen=False)
     ckpt.close()
-    cache[num_steps] = sample_quality(setup, state["ema"], num, num_steps, dcfg.seed,
+    cache["teacher"] = (setup, state["ema"])
+  if num_steps not in cache:
+    setup, params = cache["teacher"]
+    cache[num_steps] = sample_quality(setup, params, num, num_steps, dcfg.seed,
                                       dcfg.distill.fid_weights)[1]
   return cache[num_steps]
 

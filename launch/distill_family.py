@@ -50,16 +50,6 @@ _DATA_AND_COND = {"vdm": _vdm_data_and_cond, "imagen": _imagen_data_and_cond}
 _DROP = {"vdm": guidance.drop_label, "imagen": guidance.drop_text}
 
 
-def clip_hook(name: str, percentile: float = 99.5):
-  """The sampler's x-hat hook by name: static [-1, 1], dynamic thresholding, or none."""
-  hooks = {"static": samplers.static_clip(), "none": samplers.no_clip}
-  if name == "dynamic":
-    return thresholding.dynamic_threshold(percentile)
-  if name not in hooks:
-    raise ValueError(f"unknown distill.clip {name!r}; choose static, dynamic or none")
-  return hooks[name]
-
-
 def _settings(config):
   d = config.distill
   if d.kind not in KINDS:
@@ -84,7 +74,7 @@ def loss_and_grads(graphdef, params, batch, rng, config, teacher):
   batch_size = x.shape[0]
   w = guided.sample_guidance_weights(k_w, batch_size, d.w_min, d.w_max)
   student_cond = guided.with_guidance_weight(cond, w) if config.model.guidance_embedding else cond
-  clip = clip_hook(d.clip)
+  clip = thresholding.clip_hook(d.clip)
 
   # 1. the target, from the frozen teacher (no gradient)
   if d.kind == "guided":
@@ -132,8 +122,8 @@ def sample(model, rng, batch, config, teacher=None, *, num_steps):
   if config.model.guidance_embedding:
     cond = guided.with_guidance_weight(cond, jnp.full((x.shape[0],), d.sample_w))
   out = sampling.sample(lambda z, l, c: model.denoise(z, l, c), model.logsnr, x.shape, k_sample,
-                        num_steps=num_steps, sampler=d.sampler, clip_x=clip_hook(d.clip),
-                        cond=cond)
+                        num_steps=num_steps, sampler=d.sampler,
+                        clip_x=thresholding.clip_hook(d.clip), cond=cond)
   return losses.x_to_int(out, model.num_levels)
 
 

@@ -43,9 +43,7 @@ def digit_prompts(num_per_digit: int) -> tuple[list[str], np.ndarray]:
 
 
 def score(x, labels, num_levels: int) -> dict:
-  ints = np.asarray(losses.x_to_int(x, num_levels))
-  if ints.shape[1] != 8:   # a lower-resolution stage: nearest upsampling to the data's 8x8
-    ints = ints.repeat(8 // ints.shape[1], axis=1).repeat(8 // ints.shape[2], axis=2)
+  ints = quality.upsample_to_digits(losses.x_to_int(x, num_levels))
   return quality.digits_report(ints, labels, num_levels=num_levels)
 
 

@@ -273,6 +273,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch is split into: the product of the data-parallel axes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dim split over ("data", "fsdp"), other dims replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -278,6 +278,17 @@ def digits_frechet_distance(images_int, num_levels: int = digits_data.NUM_LEVELS
                                      *_reference_stats(reference, classifier))
 
 
+def upsample_to_digits(images_int) -> np.ndarray:
+  """Images of a lower resolution that divides 8 (a cascade's base stage) enlarged by
+  nearest neighbour to the digits' 8x8, so the classifier can score them; 8x8 passes as is."""
+  images = np.asarray(images_int)
+  size = digits_data.IMAGE_SHAPE[0]
+  if images.ndim == 4 and images.shape[1] != size:
+    images = images.repeat(size // images.shape[1], axis=1).repeat(size // images.shape[2],
+                                                                   axis=2)
+  return images
+
+
 def digits_report(images_int, labels=None, num_levels: int = digits_data.NUM_LEVELS,
                   reference: str = "test") -> dict:
   """{"fd": FD against the real `reference` split, "accuracy": share classified as `labels`}.

@@ -153,7 +153,7 @@ def evaluate_bpd(setup: Setup, params, *, split: str, rng, method: str = "vlb",
   config = setup.config
   source = data_source(config, split, setup.workdir)
   if config.eval.max_examples:
-    source = _Prefix(source, config.eval.max_examples)
+    source = FirstExamples(source, config.eval.max_examples)
   if method == "vlb" and setup.family.eval_terms is not None:
     per_example, term_names = setup.family.eval_terms, likelihood.TERMS
   elif method == "ode" and setup.family.ode_terms is not None:
@@ -203,8 +203,8 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
   return setup, state, ckpt
 
 
-class _Prefix:
-  """The first n examples of a source (for quick evaluations: eval.max_examples)."""
+class FirstExamples:
+  """The first n examples of a source (quick evaluations: eval.max_examples; small splits)."""
 
   def __init__(self, source, n):
     self.source, self.n = source, min(n, len(source))
@@ -216,6 +216,9 @@ class _Prefix:
 
   def __getitem__(self, i):
     return self.source[i]
+
+  def __repr__(self):   # grain checks a source's repr when restoring an iterator
+    return f"FirstExamples({self.source!r}, {self.n})"
 
 
 def sample_images(setup: Setup, params, rng, *, num: int, num_steps: int) -> np.ndarray:

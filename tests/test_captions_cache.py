@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 
 from imagen import t5
-from launch import encode_text
+from launch import encode_text, trainer
 from launch.data import captions
 from launch.data import digits
 from launch.data import pipeline
@@ -186,24 +186,6 @@ def test_tfds_captions_read_back_exactly(caption_tfds_dir, tmp_path):
 MAX_LENGTH = 12
 
 
-class Subset:
-  """The first n examples of a source (a small split for fast tests)."""
-
-  def __init__(self, source, n):
-    self.source, self.n = source, n
-    self.num_levels, self.num_classes = source.num_levels, source.num_classes
-    self.image_shape = source.image_shape
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return self.source[i]
-
-  def __repr__(self):
-    return f"Subset({self.source!r}, {self.n})"
-
-
 @pytest.fixture(scope="module")
 def text_encoder():
   return encode_text.load_text_encoder("tiny", max_length=MAX_LENGTH)
@@ -211,7 +193,7 @@ def text_encoder():
 
 @pytest.fixture(scope="module")
 def source():
-  return Subset(digits.DigitsSource("test"), 37)
+  return trainer.FirstExamples(digits.DigitsSource("test"), 37)
 
 
 def _on_the_fly(text_encoder, captions_list):
@@ -304,8 +286,9 @@ def test_cache_errors(tmp_path, source, text_encoder):
     _encode(source, tmp_path, other, batch_size=8)
   cache = encode_text.EmbeddingCache(tmp_path, "test")
   with pytest.raises(ValueError, match="another split"):
-    encode_text.WithTextEmbeddings(Subset(digits.DigitsSource("test"), 36), cache)
-  shifted = Subset(digits.DigitsSource("train"), 37)  # same size, other captions
+    encode_text.WithTextEmbeddings(trainer.FirstExamples(digits.DigitsSource("test"), 36),
+                                   cache)
+  shifted = trainer.FirstExamples(digits.DigitsSource("train"), 37)  # same size, other captions
   wrapped = encode_text.WithTextEmbeddings(shifted, cache)
   with pytest.raises(ValueError, match="re-encode"):
     for i in range(37):  # the digits test and train captions differ at some index

@@ -56,7 +56,7 @@ def test_sr_stage_respects_its_input_at_augmentation_level_zero(stages):
 def test_shard_batch_pads_to_the_data_shards_and_keeps_rows():
   mesh = mesh_lib.make_mesh((-1, 1, 1), devices=jax.devices())
   x = np.arange(3 * 2).reshape(3, 2).astype(np.float32)
-  sharded = cascade.shard_batch(mesh, {"x": x}, cascade.data_shards(mesh))["x"]
+  sharded = cascade.shard_batch(mesh, {"x": x}, mesh_lib.batch_shards(mesh))["x"]
   assert sharded.shape == (8, 2) and len(sharded.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(sharded)[:3], x)
   np.testing.assert_array_equal(np.asarray(sharded)[3:], np.repeat(x[-1:], 5, axis=0))
@@ -70,8 +70,8 @@ def test_cascade_on_8_devices_samples_the_same_images_as_on_1(stages):
   prompts = ["a handwritten seven", "the number 3", "zero"]
   one, _, setups_1, _, _ = cascade.run_cascade(stages, prompts, devices=jax.devices()[:1], **kwargs)
   eight, _, setups_8, _, _ = cascade.run_cascade(stages, prompts, devices=jax.devices(), **kwargs)
-  assert cascade.data_shards(setups_1[0].mesh) == 1
-  assert cascade.data_shards(setups_8[0].mesh) == 8
+  assert mesh_lib.batch_shards(setups_1[0].mesh) == 1
+  assert mesh_lib.batch_shards(setups_8[0].mesh) == 8
   assert [x.shape for x in one] == [(6, 4, 4, 1), (6, 8, 8, 1)]
   for a, b in zip(one, eight):
     np.testing.assert_allclose(a, b, atol=2e-5)

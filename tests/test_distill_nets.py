@@ -19,6 +19,7 @@ from configs.imagen import digits_base
 from configs.vdm import digits
 from imagen import experiment as imagen_experiment
 from imagen.efficient_unet import EfficientUNet, efficient_unet_config
+from tests.net_helpers import perturb
 from vdm import experiment, process
 from vdm.nets import layers
 from vdm.nets.score_unet import ScoreUNet
@@ -143,15 +144,6 @@ def inputs(seed=0):
   logsnr = jnp.asarray(rng.uniform(-8., 8., (B,)), jnp.float32)
   cond = {"label": jnp.asarray([0, 3, -1], jnp.int32)}
   return z, logsnr, cond
-
-
-def perturb(module, scale=0.1, seed=1):
-  """Adds numpy noise to every parameter, so zero-initialised layers stop hiding the rest."""
-  rng = np.random.default_rng(seed)
-  nnx.update(module, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
-      nnx.state(module, nnx.Param)))
-  return module
 
 
 @functools.partial(jax.jit, static_argnums=0)

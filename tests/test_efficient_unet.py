@@ -13,6 +13,7 @@ from flax import nnx
 
 from imagen import efficient_unet as eu
 from imagen.efficient_unet import EfficientUNet, efficient_unet_config, param_count
+from tests.net_helpers import perturb
 from vdm.nets import layers
 
 B, H, C, L, T = 3, 16, 2, 5, 8  # batch, image size, channels, text length, text width
@@ -30,16 +31,6 @@ def make(name="tiny_sr", **kw):
   args = {**efficient_unet_config(name), "channels": C, "attn_resolutions": (8,),
           "num_classes": 4, "dropout": 0.3, **kw}
   return EfficientUNet(**args, rngs=nnx.Rngs(key(0)))
-
-
-def perturb(model, scale=0.1, seed=1):
-  """Adds numpy noise to every parameter so the zero-initialised layers stop hiding the rest."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
-      state))
-  return model
 
 
 def inputs(seed=0):

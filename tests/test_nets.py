@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.net_helpers import perturb
 from vdm.nets import layers
 from vdm.nets.score_unet import ScoreUNet
 from vdm.nets.unet import UNet, logsnr_to_time
@@ -53,19 +54,6 @@ def cond_for(model, labels, vector):
   if isinstance(model, UNet):
     cond["vector"] = vector
   return cond
-
-
-def perturb(model, scale=0.1, seed=1):
-  """Adds noise to every parameter, so that zero-initialised layers stop hiding the rest.
-
-  The noise comes from numpy: per-leaf jax.random calls would each need an XLA compile.
-  """
-  rng = np.random.default_rng(seed)
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape), p.dtype),
-      state))
-  return model
 
 
 BUILDERS = [make_score, make_unet]

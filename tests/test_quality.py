@@ -462,3 +462,14 @@ def test_missing_clip_files_are_clear_errors(tmp_path, tiny_clip):
     fid.clip_score(images, ["a 1"], str(tmp_path / "model.safetensors"), folder)
   with pytest.raises(FileNotFoundError, match="vocab.json"):
     fid.clip_score(images, ["a 1"], os.path.join(folder, "model.safetensors"), str(tmp_path))
+
+
+def test_upsample_to_digits_is_nearest_neighbour():
+  low = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1) % 17
+  up = Q.upsample_to_digits(low)
+  assert up.shape == (2, 8, 8, 1)
+  for y in range(8):
+    for x in range(8):
+      np.testing.assert_array_equal(up[:, y, x], low[:, y // 2, x // 2])
+  eight = np.ones((1, 8, 8, 1), np.int32)
+  np.testing.assert_array_equal(Q.upsample_to_digits(eight), eight)
