@@ -2,8 +2,8 @@
 
 Two ways to get the text embedding of a batch, chosen by what the batch carries:
   - "text_emb", "text_mask": embeddings precomputed once by `python -m launch.encode_text`
-    and read with `launch.encode_text.WithTextEmbeddings` (the fast path; imagen-pytorch users
-    found on-the-fly encoding dominating step time);
+    and read with `launch.data.text_cache.WithTextEmbeddings` (the fast path; imagen-pytorch
+    users found on-the-fly encoding dominating step time);
   - "input_ids", "attention_mask": tokens (from `Tokenize` in the input pipeline), encoded
     in the step by a frozen T5 encoder (gradients stopped).
 Either way the result is float32 embeddings, zero at padding, and the mask.

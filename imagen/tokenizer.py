@@ -163,20 +163,15 @@ def train_offline_spm(captions: Iterable[str], out_prefix: str,
   return path
 
 
-def digits_caption_corpus() -> list[str]:
-  """Every phrasing of every digit caption (launch.data.digits), the offline corpus."""
-  from launch.data import digits  # pylint: disable=g-import-not-at-top
-  return [c for label in range(digits.NUM_CLASSES) for c in digits.caption_phrasings(label)]
+def regenerate_default_asset(captions: Iterable[str], path: str = DEFAULT_SPM_PATH) -> str:
+  """Rebuilds imagen/assets/digits_spm.model from `captions` (every digits caption phrasing).
 
-
-def regenerate_default_asset(path: str = DEFAULT_SPM_PATH) -> str:
-  """Rebuilds imagen/assets/digits_spm.model from the digits captions.
-
-  Run `python -m imagen.tokenizer` after changing the caption templates.
+  The captions come from the data side: run `python -m launch.tokenizer_asset` after
+  changing the caption templates (launch/data/digits.py).
   """
   if not path.endswith(".model"):
     raise ValueError(f"the asset path must end in .model, got {path!r}")
-  return train_offline_spm(digits_caption_corpus(), path[:-len(".model")])
+  return train_offline_spm(captions, path[:-len(".model")])
 
 
 def default_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> T5Tokenizer:
@@ -184,7 +179,7 @@ def default_tokenizer(max_length: int = DEFAULT_MAX_LENGTH) -> T5Tokenizer:
   if not os.path.isfile(DEFAULT_SPM_PATH):
     raise FileNotFoundError(
         f"the offline tokenizer asset {DEFAULT_SPM_PATH} is missing: reinstall the package "
-        "(it is package data) or rebuild it with `python -m imagen.tokenizer`.")
+        "(it is package data) or rebuild it with `python -m launch.tokenizer_asset`.")
   logging.warning("%s (%s)", OFFLINE_WARNING, DEFAULT_SPM_PATH)
   return T5Tokenizer(DEFAULT_SPM_PATH, max_length)
 
@@ -201,10 +196,3 @@ def load_tokenizer(spec: str, max_length: int = DEFAULT_MAX_LENGTH) -> T5Tokeniz
           "vocabulary there (tokenizer.json alone is not read); pass the .model path.")
     return T5Tokenizer(path, max_length)
   return T5Tokenizer(spec, max_length)
-
-
-if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO)
-  written = regenerate_default_asset()
-  logging.info("Wrote %s (%d bytes, %d pieces)", written, os.path.getsize(written),
-               T5Tokenizer(written).vocab_size)

@@ -1,4 +1,5 @@
-"""Tests of launch/data/captions.py (caption sources) and launch/encode_text.py (T5 cache)."""
+"""Tests of launch/data/captions.py (caption sources), launch/data/text_cache.py (T5 cache),
+launch/text_encoder.py and the launch/encode_text.py command."""
 
 import json
 import os
@@ -15,10 +16,13 @@ import PIL.Image
 import pytest
 
 from imagen import t5
-from launch import encode_text, trainer
+from launch import workdir as workdir_lib
+from launch import encode_text
+from launch import text_encoder as text_encoder_lib
 from launch.data import captions
 from launch.data import digits
 from launch.data import pipeline
+from launch.data import text_cache
 
 # ------------------------------------------------------------------------ JSONL folders
 
@@ -188,12 +192,12 @@ MAX_LENGTH = 12
 
 @pytest.fixture(scope="module")
 def text_encoder():
-  return encode_text.load_text_encoder("tiny", max_length=MAX_LENGTH)
+  return text_encoder_lib.load_text_encoder("tiny", max_length=MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
 def source():
-  return trainer.FirstExamples(digits.DigitsSource("test"), 37)
+  return workdir_lib.FirstExamples(digits.DigitsSource("test"), 37)
 
 
 def _on_the_fly(text_encoder, captions_list):
@@ -208,8 +212,8 @@ def _on_the_fly(text_encoder, captions_list):
 
 def _encode(source, out, text_encoder, processes=1, **kwargs):
   for p in range(processes):
-    encode_text.encode_split(source, str(out), "test", text_encoder, captions_name="digits",
-                             process_index=p, process_count=processes, **kwargs)
+    text_cache.encode_split(source, str(out), "test", text_encoder, captions_name="digits",
+                            process_index=p, process_count=processes, **kwargs)
 
 
 def test_two_process_cache_equals_on_the_fly_encoding(tmp_path, source, text_encoder):
@@ -217,7 +221,7 @@ def test_two_process_cache_equals_on_the_fly_encoding(tmp_path, source, text_enc
   assert sorted(os.listdir(tmp_path)) == [
       "test-00000-of-00002.array_record", "test-00001-of-00002.array_record",
       "test-manifest.json"]  # parts and progress files were cleaned up
-  cache = encode_text.EmbeddingCache(tmp_path, "test")
+  cache = text_cache.EmbeddingCache(tmp_path, "test")
   assert len(cache) == 37 and cache.d_model == 32 and cache.max_length == MAX_LENGTH
   assert cache.manifest["shard_counts"] == [19, 18] and cache.manifest["model"]["random"]
   texts = [source[i]["caption"] for i in range(37)]
@@ -241,9 +245,9 @@ def test_two_process_cache_equals_on_the_fly_encoding(tmp_path, source, text_enc
 
 def test_bf16_bits_round_trip():
   x = np.array([1.0, -2.5, 3.14159265, 1e-30, 65504.0, 0.0], np.float32)
-  bits = encode_text.bf16_bits(x)
+  bits = text_cache.bf16_bits(x)
   assert bits.dtype == np.uint16 and bits[0] == 0x3F80 and bits[1] == 0xC020
-  np.testing.assert_array_equal(encode_text.from_bf16_bits(bits),
+  np.testing.assert_array_equal(text_cache.from_bf16_bits(bits),
                                 jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
 
 
@@ -258,15 +262,15 @@ def test_resume_after_crash_gives_the_same_cache(tmp_path, source, text_encoder)
       raise RuntimeError("simulated preemption")
     return text_encoder.embed(ids, mask)
 
-  dying = encode_text.TextEncoder(text_encoder.tokenizer, dying_embed, text_encoder.d_model,
-                                  text_encoder.identity)
+  dying = text_encoder_lib.TextEncoder(text_encoder.tokenizer, dying_embed,
+                                       text_encoder.d_model, text_encoder.identity)
   with pytest.raises(RuntimeError, match="preemption"):
     _encode(source, crashed, dying, batch_size=8, part_size=16)
   shard = "test-00000-of-00001.array_record"
   progress = json.loads((crashed / f"{shard}.progress.json").read_text())
   assert progress["parts_done"] == 1 and not (crashed / shard).exists()
   with pytest.raises(FileNotFoundError, match="incomplete.*process 0"):
-    encode_text.EmbeddingCache(crashed, "test")
+    text_cache.EmbeddingCache(crashed, "test")
   calls["n"] = -100  # no more crashes; count the batches the rerun encodes
   _encode(source, crashed, dying, batch_size=8, part_size=16)
   assert calls["n"] == -100 + 3  # parts 1 and 2 (37 = 16 + 16 + 5): 2 + 1 batches
@@ -279,17 +283,17 @@ def test_resume_after_crash_gives_the_same_cache(tmp_path, source, text_encoder)
 
 def test_cache_errors(tmp_path, source, text_encoder):
   with pytest.raises(FileNotFoundError, match="launch.encode_text.*--split test"):
-    encode_text.EmbeddingCache(tmp_path, "test")
+    text_cache.EmbeddingCache(tmp_path, "test")
   _encode(source, tmp_path, text_encoder, batch_size=8)
-  other = encode_text.load_text_encoder("tiny", max_length=MAX_LENGTH + 4)
+  other = text_encoder_lib.load_text_encoder("tiny", max_length=MAX_LENGTH + 4)
   with pytest.raises(ValueError, match="different encoding.*max_length"):
     _encode(source, tmp_path, other, batch_size=8)
-  cache = encode_text.EmbeddingCache(tmp_path, "test")
+  cache = text_cache.EmbeddingCache(tmp_path, "test")
   with pytest.raises(ValueError, match="another split"):
-    encode_text.WithTextEmbeddings(trainer.FirstExamples(digits.DigitsSource("test"), 36),
-                                   cache)
-  shifted = trainer.FirstExamples(digits.DigitsSource("train"), 37)  # same size, other captions
-  wrapped = encode_text.WithTextEmbeddings(shifted, cache)
+    text_cache.WithTextEmbeddings(workdir_lib.FirstExamples(digits.DigitsSource("test"), 36),
+                                  cache)
+  shifted = workdir_lib.FirstExamples(digits.DigitsSource("train"), 37)  # same size, other captions
+  wrapped = text_cache.WithTextEmbeddings(shifted, cache)
   with pytest.raises(ValueError, match="re-encode"):
     for i in range(37):  # the digits test and train captions differ at some index
       _ = wrapped[i]
@@ -297,8 +301,8 @@ def test_cache_errors(tmp_path, source, text_encoder):
 
 def test_training_reads_cached_embeddings(tmp_path, source, text_encoder):
   _encode(source, tmp_path, text_encoder, batch_size=8)
-  cache = encode_text.EmbeddingCache(tmp_path, "test")
-  wrapped = encode_text.WithTextEmbeddings(source, cache)
+  cache = text_cache.EmbeddingCache(tmp_path, "test")
+  wrapped = text_cache.WithTextEmbeddings(source, cache)
   loader = pipeline.make_loader(wrapped, global_batch_size=4, seed=0, process_index=0,
                                 process_count=1)
   batch = next(iter(loader))
@@ -321,10 +325,10 @@ def test_command_line_offline_default(tmp_path, caplog):
     encode_text.encode_from_flags(flag_values)
   assert "OFFLINE DEFAULT: randomly initialised T5" in caplog.text
   assert "OFFLINE DEFAULT: small sentencepiece model" in caplog.text
-  cache = encode_text.EmbeddingCache(tmp_path, "test")
+  cache = text_cache.EmbeddingCache(tmp_path, "test")
   assert len(cache) == 297 and cache[296][0].shape == (8, 32)
   assert cache.manifest["model"]["t5"] == "tiny" and cache.manifest["captions"] == "digits"
-  wrapped = encode_text.WithTextEmbeddings(digits.DigitsSource("test"), cache)
+  wrapped = text_cache.WithTextEmbeddings(digits.DigitsSource("test"), cache)
   assert wrapped[296]["caption"] == cache.record(296)["caption"]
 
 
@@ -370,10 +374,10 @@ def test_hugging_face_checkpoint_directory(tmp_path, source):
   from imagen import t5_checkpoints  # pylint: disable=g-import-not-at-top
   ckpt = tmp_path / "t5-tiny-hf"
   _write_tiny_hf_checkpoint(ckpt)
-  text_encoder = encode_text.load_text_encoder(f"hf:{ckpt}", max_length=MAX_LENGTH)
+  text_encoder = text_encoder_lib.load_text_encoder(f"hf:{ckpt}", max_length=MAX_LENGTH)
   assert text_encoder.d_model == 16 and not text_encoder.identity["random"]
   _encode(source, tmp_path / "cache", text_encoder, batch_size=8)
-  cache = encode_text.EmbeddingCache(tmp_path / "cache", "test")
+  cache = text_cache.EmbeddingCache(tmp_path / "cache", "test")
   assert cache.manifest["model"]["t5"] == "hf:t5-tiny-hf"
   _, encoder = t5_checkpoints.load_hf(str(ckpt))
   tokens = text_encoder.tokenizer([source[i]["caption"] for i in range(5)])
@@ -381,4 +385,4 @@ def test_hugging_face_checkpoint_directory(tmp_path, source):
   for i in range(5):
     np.testing.assert_allclose(cache[i][0], np.asarray(ref[i]), rtol=2**-8, atol=1e-6)
   with pytest.raises(FileNotFoundError, match="Hugging Face T5 directory"):
-    encode_text.load_text_encoder(f"hf:{tmp_path}/missing")
+    text_encoder_lib.load_text_encoder(f"hf:{tmp_path}/missing")

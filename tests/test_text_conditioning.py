@@ -7,15 +7,15 @@ import pytest
 from flax import nnx
 
 from imagen import t5, text_conditioning, tokenizer as tokenizer_lib
-from launch import encode_text
-from launch.data import digits
+from launch import text_encoder as text_encoder_lib
+from launch.data import digits, text_cache
 
 
 def test_cache_and_in_step_encoder_agree(tmp_path):
   tok = tokenizer_lib.default_tokenizer(max_length=16)
   encoder = t5.T5Encoder(t5.T5Config.preset("tiny"), rngs=nnx.Rngs(0))
   source = digits.DigitsSource("test", with_captions=True)
-  text_encoder = encode_text.t5_text_encoder(encoder, tok, {"name": "tiny-test"})
+  text_encoder = text_encoder_lib.t5_text_encoder(encoder, tok, {"name": "tiny-test"})
 
   class First8:
     def __init__(self, s):
@@ -31,9 +31,9 @@ def test_cache_and_in_step_encoder_agree(tmp_path):
       return "First8(digits test)"
 
   small = First8(source)
-  encode_text.encode_split(small, str(tmp_path), "test", text_encoder, captions_name="digits",
-                           process_index=0, process_count=1, batch_size=4)
-  cached = encode_text.WithTextEmbeddings(small, encode_text.EmbeddingCache(str(tmp_path), "test"))
+  text_cache.encode_split(small, str(tmp_path), "test", text_encoder, captions_name="digits",
+                          process_index=0, process_count=1, batch_size=4)
+  cached = text_cache.WithTextEmbeddings(small, text_cache.EmbeddingCache(str(tmp_path), "test"))
   tokenize = text_conditioning.Tokenize(tok)
   examples = [tokenize(cached[i]) for i in range(8)]
   batch = {k: np.stack([e[k] for e in examples]) for k in
@@ -65,4 +65,4 @@ def test_clear_errors():
 
 def test_t5x_spec_needs_a_tokenizer():
   with pytest.raises(ValueError, match="--tokenizer"):
-    encode_text.load_text_encoder("t5x:/nonexistent@tiny")
+    text_encoder_lib.load_text_encoder("t5x:/nonexistent@tiny")

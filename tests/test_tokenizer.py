@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from imagen import tokenizer as tok_lib
+from launch import tokenizer_asset
 from launch.data import digits
 
 
@@ -20,7 +21,7 @@ def _zen_lines():
 def english_spm(tmp_path_factory):
   """A second, larger vocabulary (English + captions), trained here like the asset."""
   prefix = tmp_path_factory.mktemp("spm") / "english"
-  corpus = _zen_lines() * 3 + tok_lib.digits_caption_corpus()
+  corpus = _zen_lines() * 3 + tokenizer_asset.digits_caption_corpus()
   return tok_lib.train_offline_spm(corpus, str(prefix), vocab_size=200)
 
 
@@ -78,7 +79,7 @@ def test_conventions_by_hand():
 def test_offline_vocabulary_covers_digit_captions_and_round_trips():
   tok = tok_lib.default_tokenizer(max_length=32)
   assert 50 < tok.vocab_size <= tok_lib.DEFAULT_VOCAB_SIZE
-  captions = tok_lib.digits_caption_corpus()
+  captions = tokenizer_asset.digits_caption_corpus()
   out = tok(captions)
   assert not (out["input_ids"] == tok_lib.UNK_ID).any()  # no <unk> in any caption
   assert out["attention_mask"][:, -1].sum() == 0  # none needed truncation at 32
@@ -96,9 +97,10 @@ def test_offline_default_is_labelled(caplog):
 
 def test_asset_is_reproducible(tmp_path):
   """The shipped asset equals a fresh build from today's caption templates."""
-  path = tok_lib.regenerate_default_asset(str(tmp_path / "digits_spm.model"))
+  path = tok_lib.regenerate_default_asset(tokenizer_asset.digits_caption_corpus(),
+                                          str(tmp_path / "digits_spm.model"))
   with open(path, "rb") as a, open(tok_lib.DEFAULT_SPM_PATH, "rb") as b:
-    assert a.read() == b.read(), "stale asset: run `python -m imagen.tokenizer`"
+    assert a.read() == b.read(), "stale asset: run `python -m launch.tokenizer_asset`"
 
 
 def test_pickle_and_errors(tmp_path):
@@ -114,7 +116,7 @@ def test_pickle_and_errors(tmp_path):
   # A sentencepiece model with sentencepiece's default ids (unk 0, bos 1, eos 2).
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(tok_lib.digits_caption_corpus()), model_prefix=str(
+      sentence_iterator=iter(tokenizer_asset.digits_caption_corpus()), model_prefix=str(
           tmp_path / "plain"), vocab_size=60, hard_vocab_limit=False, minloglevel=2)
   with pytest.raises(ValueError, match="pad_id=0, eos_id=1"):
     tok_lib.T5Tokenizer(tmp_path / "plain.model")

@@ -18,7 +18,7 @@ restoring an iterator). Labels are 0 and num_classes 0 where the data has none.
                             (TfdsCaptionSource; pass image_key= and caption_key=).
 
 Several captions per image (COCO has five): one caption is used per example, chosen by a
-fixed rule so that a text-embedding cache (launch/encode_text.py) stores the very caption
+fixed rule so that a text-embedding cache (launch/data/text_cache.py) stores the very caption
 training sees. The rule `caption_choice`:
   "hash" (default)  caption number crc32(str(i)) mod (number of captions) of example i
                     (digits.caption_for uses the same hash): different images use
@@ -165,7 +165,7 @@ class TfdsCaptionSource:
     return choose_caption(list(captions), i, self.caption_choice)
 
   def caption(self, i: int) -> str:
-    """source[i]["caption"] without decoding the image (used by launch.encode_text)."""
+    """source[i]["caption"] without decoding the image (used by text_cache.encode_split)."""
     return self._caption_of(self._text_source[i], i)
 
   def __getitem__(self, i: int) -> dict:
@@ -250,7 +250,7 @@ class JsonlCaptionSource:
     return len(self._entries)
 
   def caption(self, i: int) -> str:
-    """source[i]["caption"] without reading the image (used by launch.encode_text)."""
+    """source[i]["caption"] without reading the image (used by text_cache.encode_split)."""
     return self._entries[i]["caption"]
 
   def __getitem__(self, i: int) -> dict:
