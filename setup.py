@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="VDM, Imagen and diffusion distillation in JAX/Flax NNX, sharded from one CPU to a TPU pod",
     python_requires=">=3.11",
-    packages=find_packages(include=["vdm*", "imagen*", "distill*", "launch*", "configs*"]),
+    packages=find_packages(include=["vdm*", "imagen*", "distill*", "evaluation*", "launch*",
+                                    "configs*"]),
     package_data={"imagen": ["assets/*.model"], "launch": ["scripts/*.sh"]},
     install_requires=[
         "jax==0.10.2",
@@ -25,7 +26,7 @@ setup(
         "safetensors==0.8.0",
         "sentencepiece==0.2.3",
         "absl-py==2.5.1",
-        "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (launch/fid.py)
+        "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (evaluation/clip_tokenizer.py)
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).

@@ -16,9 +16,9 @@ Each stage is an ordinary training run of the "distill" family in its own subdir
 stages whose summary exists and resumes the first unfinished one at its latest checkpoint.
 After each stage `summary.json` records the step count, sample quality (for the digits: the
 Frechet distance in a small classifier's features and, for conditional models, the class
-accuracy; launch/quality.py), the same measure for the original teacher sampled with the
-same number of DDIM steps (other data: FID, given distill.fid_weights), the stage's
-training time, and a PNG grid of samples;
+accuracy; evaluation/digits_classifier.py), the same measure for the original teacher
+sampled with the same number of DDIM steps (other data: FID, given distill.fid_weights),
+the stage's training time, and a PNG grid of samples;
 `WORKDIR/summary.jsonl` and the printed table gather all stages.
 """
 
@@ -31,8 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from evaluation import digits_classifier, inception
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distill_family, distributed, images, quality, trainer
+from launch import config_flags, distill_family, distributed, images, trainer
 from launch import metrics as metrics_lib
 
 _CONFIG = config_flags.define_config_flag("config")
@@ -132,7 +133,7 @@ def _conditional(config) -> bool:
 def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weights: str = ""):
   """(integer samples, report). Digits: FD in the small classifier's features, and class
   accuracy for conditional models. Other data: FID against the first `num` images of the
-  eval split when `fid_weights` (launch/fid.py's Inception file) is given, else {}."""
+  eval split when `fid_weights` (evaluation/inception.py's Inception file) is given, else {}."""
   samples = trainer.sample_images(setup, params, jax.random.key(seed), num=num,
                                   num_steps=num_steps)
   config = setup.config
@@ -140,17 +141,17 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weigh
   if config.data.name != "digits":
     if not fid_weights:
       return samples, {}
-    from launch import fid  # pylint: disable=g-import-not-at-top
     source = trainer.data_source(config, config.data.eval_split, setup.workdir)
     real = np.stack([np.asarray(source[i]["image"]) for i in range(len(samples))])
-    return samples, {"fid": fid.fid_from_images(images.to_uint8(samples, levels),
-                                                images.to_uint8(real, levels), fid_weights)}
+    return samples, {"fid": inception.fid_from_images(images.to_uint8(samples, levels),
+                                                      images.to_uint8(real, levels),
+                                                      fid_weights)}
   labels = None
   if _conditional(config):
     source = trainer.data_source(config, config.data.eval_split, setup.workdir)
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
-  return samples, quality.digits_report(quality.upsample_to_digits(samples), labels,
-                                        num_levels=levels)
+  ints = digits_classifier.upsample_to_digits(samples)
+  return samples, digits_classifier.digits_report(ints, labels, num_levels=levels)
 
 
 def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,
@@ -214,8 +215,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
   """Runs (or resumes) every stage; returns the per-stage summaries. devices: the mesh's
   devices (default all)."""
   if dcfg.distill.fid_weights:   # fail now, not after the first stage has trained
-    from launch import fid  # pylint: disable=g-import-not-at-top
-    fid.check_inception_file(dcfg.distill.fid_weights)
+    inception.check_inception_file(dcfg.distill.fid_weights)
   teacher = os.path.abspath(teacher)
   teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
   if teacher_ckpt.latest_step() is None:

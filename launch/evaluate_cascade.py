@@ -7,10 +7,11 @@ r"""Prompt alignment and Frechet distance of a digits cascade, swept over the gu
 For each w, one prompt per generated image (a caption of digit d in a phrasing the data
 uses, d cycling over 0..9) goes through the whole cascade with guidance w at the base stage
 (SR stages unguided); the final 8x8 images are scored by a small classifier trained on the
-digits train split (launch.quality): alignment = share classified as the prompt's digit
-(chance 0.1), FD = Frechet distance to the real test digits in the classifier's features.
-The base stage's own output is scored too, upsampled to 8x8 (nearest). Results are printed
-as JSON lines and appended to the last stage's workdir/cascade_eval.jsonl.
+digits train split (evaluation/digits_classifier.py): alignment = share classified as the
+prompt's digit (chance 0.1), FD = Frechet distance to the real test digits in the
+classifier's features. The base stage's own output is scored too, upsampled to 8x8
+(nearest). Results are printed as JSON lines and appended to the last stage's
+workdir/cascade_eval.jsonl.
 """
 
 import json
@@ -19,7 +20,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from launch import distributed, quality
+from evaluation import digits_classifier
+from launch import distributed
 from launch.cascade import per_stage, run_cascade
 from launch import metrics as metrics_lib
 from launch.data import digits
@@ -43,8 +45,8 @@ def digit_prompts(num_per_digit: int) -> tuple[list[str], np.ndarray]:
 
 
 def score(x, labels, num_levels: int) -> dict:
-  ints = quality.upsample_to_digits(losses.x_to_int(x, num_levels))
-  return quality.digits_report(ints, labels, num_levels=num_levels)
+  ints = digits_classifier.upsample_to_digits(losses.x_to_int(x, num_levels))
+  return digits_classifier.digits_report(ints, labels, num_levels=num_levels)
 
 
 def main(argv):

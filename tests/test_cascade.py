@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs.imagen import digits_base, digits_sr
+from evaluation import digits_classifier
 from imagen import experiment
-from launch import cascade, mesh as mesh_lib, quality, trainer
+from launch import cascade, mesh as mesh_lib, trainer
 from vdm import losses
 
 
@@ -40,7 +41,7 @@ def test_sr_stage_respects_its_input_at_augmentation_level_zero(stages):
   setup, state, ckpt = trainer.load_workdir(stages[1], devices=jax.devices()[:1])
   ckpt.close()
   model = trainer.model_with(setup, state["ema"])
-  images, _ = quality.real_digits("test")
+  images, _ = digits_classifier.real_digits("test")
   low = experiment.downsample(losses.int_to_x(jnp.asarray(images[:64]), 17), 4)
   cond = {"text_emb": jnp.zeros((64, 16, 32)), "text_mask": jnp.zeros((64, 16), jnp.int32)}
   cond.update(experiment.lowres_cond(model, low, jax.random.key(1), jnp.zeros((64,))))

@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_w=1.0,             # the guidance weight samples and summaries use
       teacher_step=0,           # teacher checkpoint step (0: latest)
       eval_samples=256,         # images per summary (sample quality and the PNG grid)
-      fid_weights="",           # non-digits data: FID with launch/fid.py's Inception file
+      fid_weights="",           # non-digits data: FID with evaluation/inception.py's Inception file
   ))
   # Salimans & Ho: Adam, lr annealed linearly to 0 within each stage, no EMA.
   c.optim = ml_collections.ConfigDict(dict(

@@ -12,6 +12,8 @@ Split (deterministic, no shuffling): "train" is the first 1,500 examples of `loa
 "test" the last 297. Example `i` of a split keeps its index in `load_digits` as its global
 index (`train[i]` is example `i`, `test[i]` is example `1500 + i`), and captions are chosen
 from that global index, so a caption never depends on which split holds the example.
+The arrays, the split and the digit words come from evaluation/digits_classifier.py, which
+trains and scores its classifier on the same examples: they are defined there once.
 
 Captions are made from labels with several phrasings per digit ("a handwritten digit seven",
 "the number 7", "a picture of a seven", "7", ...); `caption_for(label, i)` picks one from
@@ -19,20 +21,12 @@ the example index with a fixed hash, so the text model does not see one fixed st
 class. The Imagen code reuses `CAPTION_TEMPLATES` and `caption_for` for its prompts.
 """
 
-import functools
 import zlib
 
-import numpy as np
-
-NUM_LEVELS = 17  # pixel values 0..16
-NUM_CLASSES = 10
-IMAGE_SHAPE = (8, 8, 1)
-NUM_EXAMPLES = 1797
-NUM_TRAIN = 1500  # "test" is the last NUM_EXAMPLES - NUM_TRAIN = 297 examples
-SPLITS = ("train", "test")
-
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-               "nine")
+# The data's facts, the arrays and the split are the evaluation's too (one definition).
+from evaluation.digits_classifier import (  # pylint: disable=unused-import
+    DIGIT_WORDS, IMAGE_SHAPE, NUM_CLASSES, NUM_EXAMPLES, NUM_LEVELS, NUM_TRAIN, SPLITS,
+    load_all, split_indices)
 
 # Each template names the digit exactly once, as a word ({word}, {a_word}: "a seven" /
 # "an eight") or as a numeral ({numeral}: "7"), and mentions no other number.
@@ -66,32 +60,6 @@ def caption_for(label: int, i: int) -> str:
   """
   phrasings = caption_phrasings(label)
   return phrasings[zlib.crc32(str(int(i)).encode()) % len(phrasings)]
-
-
-@functools.lru_cache(maxsize=1)
-def load_all() -> tuple[np.ndarray, np.ndarray]:
-  """All 1,797 digits as (images uint8 [N, 8, 8, 1] in 0..16, labels int32 [N])."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (slow import)
-  digits = datasets.load_digits()
-  images = np.asarray(digits.images)
-  if images.shape != (NUM_EXAMPLES, 8, 8) or images.min() < 0 or images.max() >= NUM_LEVELS:
-    raise RuntimeError(f"unexpected load_digits data: shape {images.shape}, values "
-                       f"{images.min()}..{images.max()}; expected ({NUM_EXAMPLES}, 8, 8) "
-                       "in 0..16. Check the installed scikit-learn.")
-  images = np.rint(images).astype(np.uint8)[..., None]
-  labels = np.asarray(digits.target, dtype=np.int32)
-  images.setflags(write=False)
-  labels.setflags(write=False)
-  return images, labels
-
-
-def split_indices(split: str) -> np.ndarray:
-  """The global (load_digits) indices of a split: first 1,500 train, last 297 test."""
-  if split == "train":
-    return np.arange(0, NUM_TRAIN)
-  if split == "test":
-    return np.arange(NUM_TRAIN, NUM_EXAMPLES)
-  raise ValueError(f"unknown digits split {split!r}; valid splits: {SPLITS}")
 
 
 class DigitsSource:

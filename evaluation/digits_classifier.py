@@ -1,32 +1,33 @@
 """Sample-quality measures for the embedded digits data, computed offline.
 
-FID and CLIP score need network weights that a fresh machine cannot download (launch/fid.py
-loads them from files the user provides). For scikit-learn's 8x8 digits the evaluation
-trains its own feature network instead: `DigitsClassifier`, a 64-64-10 ReLU MLP fitted on the
-digits TRAIN split in about a second. Its hidden activations are the feature space of a
-digits Fréchet distance ("FD", the FID recipe with this network in place of Inception), and
-its predictions measure whether a conditional sample shows the digit it was asked for.
+FID and CLIP score need network weights that a fresh machine cannot download (inception.py
+and clip.py load them from files the user provides). For scikit-learn's 8x8 digits the
+evaluation trains its own feature network instead: `DigitsClassifier`, a 64-64-10 ReLU MLP
+fitted on the digits TRAIN split in about a second. Its hidden activations are the feature
+space of a digits Fréchet distance ("FD", the FID recipe of frechet.py with this network in
+place of Inception), and its predictions measure whether a conditional sample shows the digit
+it was asked for.
 
+  * `real_digits`: the real images and labels of a split, read from scikit-learn; the
+    training data (launch/data/digits.py) takes its arrays and split from here, so the
+    classifier and the diffusion models see the same examples.
   * `class_accuracy` / `prompt_alignment`: share of samples classified as their target digit
     (prompts may be given as labels or as captions that name the digit).
-  * `frechet_distance`: ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}) between Gaussians
-    fitted to two feature sets (Heusel et al. 2017, "GANs trained by a two time-scale update
-    rule ...", the FID formula).
   * `digits_frechet_distance`: FD of samples against a real split, in the classifier's space.
   * `digits_report`: {"fd": ..., "accuracy": ...}, the one call the Imagen and distillation
     evaluations make.
 
 Classifier accuracy on the real digits test split (297 images): 0.926 (275/297) with the
-default settings (tests/test_quality.py asserts > 0.9). The same classifier on the real test
-images gives `prompt_alignment` = 0.926 with the true labels and about 0.1 with shuffled ones,
-so a sampler that reaches ~0.9 makes digits as recognisable as real ones.
+default settings (tests/test_evaluation.py asserts > 0.9). The same classifier on the real
+test images gives `prompt_alignment` = 0.926 with the true labels and about 0.1 with shuffled
+ones, so a sampler that reaches ~0.9 makes digits as recognisable as real ones.
 
 Fréchet distances in this feature space, for scale (297 samples against the test split):
 the first 297 images of the train split give FD 0.83 (the floor a perfect sampler approaches;
-the whole train split gives 0.68), uniform-noise images 7.7, and the train split's 153 threes (one
-class: mode collapse) 29. The features are digit-shape detectors: they see wrong or missing
-digits strongly but pixel noise weakly (real images plus Gaussian noise of 3 levels: 1.05).
-The estimate is biased upwards at small N: the sample mean alone adds about
+the whole train split gives 0.68), uniform-noise images 7.7, and the train split's 153 threes
+(one class: mode collapse) 29. The features are digit-shape detectors: they see wrong or
+missing digits strongly but pixel noise weakly (real images plus Gaussian noise of 3 levels:
+1.05). The estimate is biased upwards at small N: the sample mean alone adds about
 Tr(S_a)/N_a + Tr(S_b)/N_b, and the square-root term adds more when N is not much larger than
 the feature dimension (64). Compare FDs only at equal sample counts (297 against the test
 split is the natural choice) and read them against the real-data floor.
@@ -40,20 +41,71 @@ import functools
 
 import numpy as np
 
-from launch.data import digits as digits_data
+from evaluation import frechet
 
-FEATURE_DIM = 64
+# --- the real digits -------------------------------------------------------------------------
+# sklearn.datasets.load_digits: 1,797 images of 8x8 pixels whose values are the integers 0..16
+# (each pixel counts the "on" cells of a 4x4 block of a 32x32 bitmap), labels 0..9.
+
+NUM_LEVELS = 17  # pixel values 0..16
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8, 1)
+NUM_EXAMPLES = 1797
+NUM_TRAIN = 1500  # "test" is the last NUM_EXAMPLES - NUM_TRAIN = 297 examples
+SPLITS = ("train", "test")
+
+# The words that name a digit in a caption (launch/data/digits.py writes captions with them).
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+               "nine")
+
+
+@functools.lru_cache(maxsize=1)
+def load_all() -> tuple[np.ndarray, np.ndarray]:
+  """All 1,797 digits as (images uint8 [N, 8, 8, 1] in 0..16, labels int32 [N]), read-only."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (slow import)
+  digits = datasets.load_digits()
+  images = np.asarray(digits.images)
+  if images.shape != (NUM_EXAMPLES, 8, 8) or images.min() < 0 or images.max() >= NUM_LEVELS:
+    raise RuntimeError(f"unexpected load_digits data: shape {images.shape}, values "
+                       f"{images.min()}..{images.max()}; expected ({NUM_EXAMPLES}, 8, 8) "
+                       "in 0..16. Check the installed scikit-learn.")
+  images = np.rint(images).astype(np.uint8)[..., None]
+  labels = np.asarray(digits.target, dtype=np.int32)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def split_indices(split: str) -> np.ndarray:
+  """The global (load_digits) indices of a split: first 1,500 train, last 297 test.
+
+  Deterministic, no shuffling: example `i` of "test" is example `1500 + i` of load_digits.
+  """
+  if split == "train":
+    return np.arange(0, NUM_TRAIN)
+  if split == "test":
+    return np.arange(NUM_TRAIN, NUM_EXAMPLES)
+  raise ValueError(f"unknown digits split {split!r}; valid splits: {SPLITS}")
+
+
+def real_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Real images [N, 8, 8, 1] (levels 0..16) and labels of a split: train, test or all."""
+  images, labels = load_all()
+  if split == "all":
+    return images, labels
+  idx = split_indices(split)  # raises on an unknown split
+  return images[idx], labels[idx]
 
 
 # --- input checks ----------------------------------------------------------------------------
 
-def check_digit_images(images_int, num_levels: int = digits_data.NUM_LEVELS) -> np.ndarray:
+def check_digit_images(images_int, num_levels: int = NUM_LEVELS) -> np.ndarray:
   """Validates integer digit images [N, 8, 8, 1] in 0..num_levels-1; returns them in [0, 1].
 
   The output is float64 of shape [N, 64] (flattened), the classifier's input.
   """
   images = np.asarray(images_int)
-  if images.ndim != 4 or images.shape[1:] != digits_data.IMAGE_SHAPE:
+  if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
     raise ValueError(f"digit images must have shape [N, 8, 8, 1], got {images.shape}; add the "
                      "channel axis with images[..., None] or reshape generated samples first.")
   if images.shape[0] == 0:
@@ -85,7 +137,7 @@ def labels_from_prompts(prompts) -> np.ndarray:
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"target labels must be a 1-D array of ints (or a list of captions), got "
                      f"shape {labels.shape} and dtype {labels.dtype}.")
-  if len(labels) and (labels.min() < 0 or labels.max() >= digits_data.NUM_CLASSES):
+  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
     raise ValueError(f"digit labels must lie in 0..9, got {labels.min()}..{labels.max()}.")
   return labels.astype(np.int64)
 
@@ -93,7 +145,7 @@ def labels_from_prompts(prompts) -> np.ndarray:
 def _label_from_caption(caption: str) -> int:
   words = caption.lower().replace(",", " ").split()
   found = {int(w) for w in words if w.isdigit() and len(w) == 1}
-  found |= {digits_data.DIGIT_WORDS.index(w) for w in words if w in digits_data.DIGIT_WORDS}
+  found |= {DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS}
   if len(found) != 1:
     raise ValueError(f"caption {caption!r} names {len(found)} digits; prompt alignment needs "
                      "exactly one (as a numeral 0-9 or a word zero-nine), or pass labels.")
@@ -101,6 +153,9 @@ def _label_from_caption(caption: str) -> int:
 
 
 # --- the classifier --------------------------------------------------------------------------
+
+FEATURE_DIM = 64  # hidden units: the dimension of the digits FD's feature space
+
 
 class DigitsClassifier:
   """A 64-64-10 ReLU MLP on flattened digits in [0, 1]; `features` are its hidden units.
@@ -123,12 +178,12 @@ class DigitsClassifier:
     import threadpoolctl  # pylint: disable=g-import-not-at-top  (ships with scikit-learn)
     images, labels = real_digits("train")
     x = check_digit_images(images)
-    onehot = np.eye(digits_data.NUM_CLASSES)[labels]
+    onehot = np.eye(NUM_CLASSES)[labels]
     rng = np.random.default_rng(seed)
     params = [rng.normal(size=(x.shape[1], hidden)) * np.sqrt(2.0 / x.shape[1]),  # He init
               np.zeros(hidden),
-              rng.normal(size=(hidden, digits_data.NUM_CLASSES)) * np.sqrt(1.0 / hidden),
-              np.zeros(digits_data.NUM_CLASSES)]
+              rng.normal(size=(hidden, NUM_CLASSES)) * np.sqrt(1.0 / hidden),
+              np.zeros(NUM_CLASSES)]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     b1_, b2_ = 0.9, 0.999
@@ -142,14 +197,14 @@ class DigitsClassifier:
           params[i] = params[i] - learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
     return cls(*params)
 
-  def features(self, images_int, num_levels: int = digits_data.NUM_LEVELS) -> np.ndarray:
+  def features(self, images_int, num_levels: int = NUM_LEVELS) -> np.ndarray:
     """Hidden ReLU activations [N, hidden]: the feature space of the digits FD."""
     return np.maximum(check_digit_images(images_int, num_levels) @ self.w1 + self.b1, 0.0)
 
-  def logits(self, images_int, num_levels: int = digits_data.NUM_LEVELS) -> np.ndarray:
+  def logits(self, images_int, num_levels: int = NUM_LEVELS) -> np.ndarray:
     return self.features(images_int, num_levels) @ self.w2 + self.b2
 
-  def predict(self, images_int, num_levels: int = digits_data.NUM_LEVELS) -> np.ndarray:
+  def predict(self, images_int, num_levels: int = NUM_LEVELS) -> np.ndarray:
     return np.argmax(self.logits(images_int, num_levels), axis=-1)
 
   def save(self, path: str) -> None:
@@ -182,19 +237,10 @@ def get_classifier() -> DigitsClassifier:
   return DigitsClassifier.train()
 
 
-def real_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Real images [N, 8, 8, 1] (levels 0..16) and labels of a split: train, test or all."""
-  images, labels = digits_data.load_all()
-  if split == "all":
-    return images, labels
-  idx = digits_data.split_indices(split)  # raises on an unknown split
-  return images[idx], labels[idx]
-
-
 # --- conditional accuracy --------------------------------------------------------------------
 
 def class_accuracy(images_int, labels, classifier: DigitsClassifier | None = None,
-                   num_levels: int = digits_data.NUM_LEVELS) -> float:
+                   num_levels: int = NUM_LEVELS) -> float:
   """Share of class-conditional samples that the classifier assigns to their class."""
   labels = labels_from_prompts(labels)
   if len(labels) != len(np.asarray(images_int)):
@@ -205,7 +251,7 @@ def class_accuracy(images_int, labels, classifier: DigitsClassifier | None = Non
 
 
 def prompt_alignment(images_int, target_labels, classifier: DigitsClassifier | None = None,
-                     num_levels: int = digits_data.NUM_LEVELS) -> float:
+                     num_levels: int = NUM_LEVELS) -> float:
   """Share of text-conditional samples classified as the digit their prompt names.
 
   `target_labels` are ints 0..9 or the prompts themselves (captions naming one digit).
@@ -213,57 +259,15 @@ def prompt_alignment(images_int, target_labels, classifier: DigitsClassifier | N
   return class_accuracy(images_int, target_labels, classifier, num_levels)
 
 
-# --- Fréchet distance ------------------------------------------------------------------------
-
-def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and unbiased covariance (ddof=1) of features [N, D], N >= 2."""
-  feats = np.asarray(feats, np.float64)
-  if feats.ndim != 2 or feats.shape[0] < 2:
-    raise ValueError(f"features must be [N, D] with N >= 2 samples, got shape {feats.shape}.")
-  return feats.mean(axis=0), np.atleast_2d(np.cov(feats, rowvar=False))
-
-
-def _psd_sqrt(a: np.ndarray) -> np.ndarray:
-  """Symmetric square root of a symmetric positive semi-definite matrix (via eigh)."""
-  w, v = np.linalg.eigh((a + a.T) / 2)
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
-  """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}) (Fréchet distance of Gaussians).
-
-  Tr((S_a S_b)^{1/2}) is computed as the sum of the square roots of the eigenvalues of the
-  symmetric PSD matrix S_a^{1/2} S_b S_a^{1/2}, which are the eigenvalues of S_a S_b. This is
-  real by construction, so unlike scipy.linalg.sqrtm(S_a @ S_b) it needs no eps offset and
-  no discarding of an imaginary part when covariances are singular (N < D, dead features).
-  """
-  mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
-  cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
-  if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != mu_a.shape * 2:
-    raise ValueError(f"mismatched statistics: means {mu_a.shape}, {mu_b.shape}, covariances "
-                     f"{cov_a.shape}, {cov_b.shape}; both feature sets need the same dim.")
-  sqrt_a = _psd_sqrt(cov_a)
-  eig = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
-  tr_covmean = np.sum(np.sqrt(np.clip(eig, 0.0, None)))
-  diff = mu_a - mu_b
-  return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_covmean)
-
-
-def frechet_distance(feats_a, feats_b) -> float:
-  """Fréchet distance between Gaussians fitted to two feature sets [N_a, D] and [N_b, D].
-
-  Biased upwards at finite N (see the module docstring): compare values at equal N.
-  """
-  return frechet_distance_from_stats(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
-
+# --- Fréchet distance to the real digits ------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
 def _reference_stats(reference: str, classifier: DigitsClassifier):
   images, _ = real_digits(reference)
-  return gaussian_stats(classifier.features(images))
+  return frechet.gaussian_stats(classifier.features(images))
 
 
-def digits_frechet_distance(images_int, num_levels: int = digits_data.NUM_LEVELS,
+def digits_frechet_distance(images_int, num_levels: int = NUM_LEVELS,
                             reference: str = "test",
                             classifier: DigitsClassifier | None = None) -> float:
   """FD between samples and a real digits split ("test", "train" or "all") in classifier space."""
@@ -274,22 +278,22 @@ def digits_frechet_distance(images_int, num_levels: int = digits_data.NUM_LEVELS
   if len(feats) < 2:
     raise ValueError("a Fréchet distance needs at least 2 samples (a covariance); pass more "
                      "(297, the test split's size, is the recommended count).")
-  return frechet_distance_from_stats(*gaussian_stats(feats),
-                                     *_reference_stats(reference, classifier))
+  return frechet.frechet_distance_from_stats(*frechet.gaussian_stats(feats),
+                                             *_reference_stats(reference, classifier))
 
 
 def upsample_to_digits(images_int) -> np.ndarray:
   """Images of a lower resolution that divides 8 (a cascade's base stage) enlarged by
   nearest neighbour to the digits' 8x8, so the classifier can score them; 8x8 passes as is."""
   images = np.asarray(images_int)
-  size = digits_data.IMAGE_SHAPE[0]
+  size = IMAGE_SHAPE[0]
   if images.ndim == 4 and images.shape[1] != size:
     images = images.repeat(size // images.shape[1], axis=1).repeat(size // images.shape[2],
                                                                    axis=2)
   return images
 
 
-def digits_report(images_int, labels=None, num_levels: int = digits_data.NUM_LEVELS,
+def digits_report(images_int, labels=None, num_levels: int = NUM_LEVELS,
                   reference: str = "test") -> dict:
   """{"fd": FD against the real `reference` split, "accuracy": share classified as `labels`}.
 

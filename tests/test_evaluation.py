@@ -1,4 +1,4 @@
-"""Sample-quality measures: digits classifier, Fréchet distance, FID Inception and CLIP score.
+"""evaluation/: digits classifier, Fréchet distance, FID Inception and CLIP score.
 
 References are independent of the code under test: the classifier is re-evaluated from its
 raw weights; the Fréchet distance against closed forms and scipy.linalg.sqrtm; the FID
@@ -17,8 +17,8 @@ import pytest
 import scipy.linalg
 import threadpoolctl
 
-from launch import fid
-from launch import quality as Q
+from evaluation import clip, clip_tokenizer, frechet, inception, pretrained
+from evaluation import digits_classifier as dc
 from launch.data import digits as digits_data
 
 
@@ -26,12 +26,12 @@ from launch.data import digits as digits_data
 
 @pytest.fixture(scope="module")
 def clf():
-  return Q.get_classifier()
+  return dc.get_classifier()
 
 
 @pytest.fixture(scope="module")
 def real():
-  return Q.real_digits("test"), Q.real_digits("train")
+  return dc.real_digits("test"), dc.real_digits("train")
 
 
 def _raw_predict(c, images):
@@ -45,47 +45,47 @@ def test_classifier_accuracy_on_test_split(clf, real, tmp_path):
   assert images.shape == (297, 8, 8, 1)
   accuracy = np.mean(_raw_predict(clf, images) == labels)
   assert accuracy > 0.9
-  assert clf.w1.shape == (64, Q.FEATURE_DIM)
+  assert clf.w1.shape == (64, dc.FEATURE_DIM)
   path = str(tmp_path / "digits_classifier.npz")  # .npz of weights round-trips exactly
   clf.save(path)
-  np.testing.assert_array_equal(Q.DigitsClassifier.load(path).features(images),
+  np.testing.assert_array_equal(dc.DigitsClassifier.load(path).features(images),
                                 clf.features(images))
 
 
 def test_prompt_alignment_of_real_images(clf, real):
   (images, labels), _ = real
   accuracy = np.mean(_raw_predict(clf, images) == labels)
-  assert Q.prompt_alignment(images, labels) == pytest.approx(accuracy, abs=1e-12)
-  assert Q.class_accuracy(images, labels, clf) == pytest.approx(accuracy, abs=1e-12)
+  assert dc.prompt_alignment(images, labels) == pytest.approx(accuracy, abs=1e-12)
+  assert dc.class_accuracy(images, labels, clf) == pytest.approx(accuracy, abs=1e-12)
   captions = [digits_data.caption_for(l, 1500 + i) for i, l in enumerate(labels)]
-  assert Q.prompt_alignment(images, captions) == pytest.approx(accuracy, abs=1e-12)
+  assert dc.prompt_alignment(images, captions) == pytest.approx(accuracy, abs=1e-12)
   rng = np.random.default_rng(0)
-  shuffled = [Q.prompt_alignment(images, rng.permutation(labels)) for _ in range(5)]
+  shuffled = [dc.prompt_alignment(images, rng.permutation(labels)) for _ in range(5)]
   assert 0.05 < np.mean(shuffled) < 0.16  # chance is ~0.1
 
 
 def test_digits_frechet_distance_separates_real_from_bad_samples(clf, real):
   (test_images, _), (train_images, train_labels) = real
   rng = np.random.default_rng(0)
-  real_fd = Q.frechet_distance(clf.features(test_images), clf.features(train_images))
-  subset_fd = Q.digits_frechet_distance(train_images[:297])  # equal N against the test split
-  noise_fd = Q.digits_frechet_distance(rng.integers(0, 17, (297, 8, 8, 1)))
-  collapsed_fd = Q.digits_frechet_distance(train_images[train_labels == 3])  # one class only
+  real_fd = frechet.frechet_distance(clf.features(test_images), clf.features(train_images))
+  subset_fd = dc.digits_frechet_distance(train_images[:297])  # equal N against the test split
+  noise_fd = dc.digits_frechet_distance(rng.integers(0, 17, (297, 8, 8, 1)))
+  collapsed_fd = dc.digits_frechet_distance(train_images[train_labels == 3])  # one class only
   assert 0 < real_fd < 2 and 0 < subset_fd < 2
   assert noise_fd > 5 * subset_fd
   assert collapsed_fd > 10 * subset_fd
   # The same images at another quantisation are the same [0, 1] inputs: the same FD.
-  assert Q.digits_frechet_distance(train_images[:297] * 2, num_levels=33) == pytest.approx(
+  assert dc.digits_frechet_distance(train_images[:297] * 2, num_levels=33) == pytest.approx(
       subset_fd, rel=1e-9)
 
 
 def test_digits_report(real):
   (images, labels), _ = real
-  report = Q.digits_report(images[:100], labels[:100])
+  report = dc.digits_report(images[:100], labels[:100])
   assert set(report) == {"fd", "accuracy"}
-  assert report["fd"] == pytest.approx(Q.digits_frechet_distance(images[:100]))
-  assert report["accuracy"] == Q.class_accuracy(images[:100], labels[:100])
-  assert set(Q.digits_report(images[:100])) == {"fd"}
+  assert report["fd"] == pytest.approx(dc.digits_frechet_distance(images[:100]))
+  assert report["accuracy"] == dc.class_accuracy(images[:100], labels[:100])
+  assert set(dc.digits_report(images[:100])) == {"fd"}
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -96,17 +96,17 @@ def test_digits_report(real):
 ])
 def test_bad_images_are_clear_errors(bad, match):
   with pytest.raises(ValueError, match=match):
-    Q.digits_report(bad)
+    dc.digits_report(bad)
 
 
 def test_bad_prompts_are_clear_errors(real):
   (images, _), _ = real
   with pytest.raises(ValueError, match="names 2 digits"):
-    Q.prompt_alignment(images[:1], ["a seven and an 8"])
+    dc.prompt_alignment(images[:1], ["a seven and an 8"])
   with pytest.raises(ValueError, match="2 images but 3 labels"):
-    Q.class_accuracy(images[:2], [1, 2, 3])
+    dc.class_accuracy(images[:2], [1, 2, 3])
   with pytest.raises(ValueError, match="0..9"):
-    Q.class_accuracy(images[:1], [10])
+    dc.class_accuracy(images[:1], [10])
 
 
 # --- Fréchet distance against closed forms -----------------------------------------------------
@@ -125,23 +125,24 @@ def test_frechet_distance_closed_forms():
   # 1-D: (m1 - m2)^2 + (s1 - s2)^2.
   a = _with_exact_stats(np.array([1.0]), np.array([[4.0]]), 50, 0)
   b = _with_exact_stats(np.array([-2.0]), np.array([[0.25]]), 70, 1)
-  assert Q.frechet_distance(a, b) == pytest.approx(9.0 + (2.0 - 0.5) ** 2, rel=1e-9)
+  assert frechet.frechet_distance(a, b) == pytest.approx(9.0 + (2.0 - 0.5) ** 2, rel=1e-9)
   # Diagonal covariances: ||dmu||^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
   da, db = np.array([1.0, 2.0, 0.5, 3.0]), np.array([0.5, 2.0, 4.0, 0.1])
   ma, mb = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.5])
   expected = np.sum((ma - mb) ** 2) + np.sum((np.sqrt(da) - np.sqrt(db)) ** 2)
   a = _with_exact_stats(ma, np.diag(da), 200, 2)
   b = _with_exact_stats(mb, np.diag(db), 300, 3)
-  assert Q.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+  assert frechet.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
   # Non-commuting covariances: the textbook formula with scipy.linalg.sqrtm(S_a S_b).
   rng = np.random.default_rng(4)
   ca, cb = [(lambda m: m @ m.T + 0.1 * np.eye(6))(rng.normal(size=(6, 6))) for _ in range(2)]
   ma, mb = rng.normal(size=6), rng.normal(size=6)
   textbook = (np.sum((ma - mb) ** 2) + np.trace(ca) + np.trace(cb)
               - 2 * np.trace(scipy.linalg.sqrtm(ca @ cb).real))
-  got = Q.frechet_distance(_with_exact_stats(ma, ca, 100, 5), _with_exact_stats(mb, cb, 80, 6))
+  got = frechet.frechet_distance(_with_exact_stats(ma, ca, 100, 5),
+                                 _with_exact_stats(mb, cb, 80, 6))
   assert got == pytest.approx(textbook, rel=1e-8)
-  assert Q.frechet_distance_from_stats(ma, ca, mb, cb) == pytest.approx(textbook, rel=1e-8)
+  assert frechet.frechet_distance_from_stats(ma, ca, mb, cb) == pytest.approx(textbook, rel=1e-8)
 
 
 def test_frechet_distance_of_singular_covariances():
@@ -152,10 +153,10 @@ def test_frechet_distance_of_singular_covariances():
   """
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(20, 64)), rng.normal(size=(20, 64)) + 0.5
-  assert abs(Q.frechet_distance(x, x)) < 1e-6 * np.trace(np.cov(x, rowvar=False))
-  assert Q.frechet_distance(x, y) > 0
+  assert abs(frechet.frechet_distance(x, x)) < 1e-6 * np.trace(np.cov(x, rowvar=False))
+  assert frechet.frechet_distance(x, y) > 0
   with pytest.raises(ValueError, match="N >= 2"):
-    Q.frechet_distance(x[:1], y)
+    frechet.frechet_distance(x[:1], y)
 
 
 # --- FID: Inception-v3 against a PyTorch reference --------------------------------------------
@@ -286,7 +287,7 @@ def _torch_fid_inception():
 
 
 @pytest.fixture(scope="module")
-def inception(tmp_path_factory):
+def torch_inception(tmp_path_factory):
   """(torch reference, path of its state dict as safetensors: the real names and shapes)."""
   torch = pytest.importorskip("torch")
   safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -301,35 +302,35 @@ def inception(tmp_path_factory):
         m.bias.normal_(0, 0.1)
         m.running_mean.normal_(0, 0.1)
         m.running_var.uniform_(0.5, 1.5)
-  path = str(tmp_path_factory.mktemp("fid") / fid.INCEPTION_FILE)
+  path = str(tmp_path_factory.mktemp("fid") / inception.INCEPTION_FILE)
   safetensors_torch.save_file(net.state_dict(), path)  # ~95 MB, 566 tensors
   yield net, path
   torch.set_num_threads(threads)
 
 
-def test_inception_tensor_names_are_the_released_ones(inception):
-  net, _ = inception
+def test_inception_tensor_names_are_the_released_ones(torch_inception):
+  net, _ = torch_inception
   names = {k: tuple(v.shape) for k, v in net.state_dict().items()
            if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
-  assert fid.inception_tensor_shapes() == names
+  assert inception.inception_tensor_shapes() == names
   assert len(names) == 470  # 94 BasicConv2d x (conv.weight + 4 BN tensors)
 
 
-def test_inception_features_and_fid_match_torch(inception):
+def test_inception_features_and_fid_match_torch(torch_inception):
   import torch  # pylint: disable=g-import-not-at-top
-  net, path = inception
+  net, path = torch_inception
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 24, 32, 3)).astype(np.uint8)  # non-square: resize checked
   with torch.no_grad():
     ref = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
-  got = fid.inception_features(images, path, batch_size=2)
+  got = inception.inception_features(images, path, batch_size=2)
   assert got.shape == (4, 2048)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
   # Fréchet distance over the 2048-d features (N < D: singular covariances). One BLAS
   # thread: 2048x2048 eigh is ~10x slower with threads contending on a small shared CPU.
   with threadpoolctl.threadpool_limits(1):
-    assert fid.fid_from_images(images[:2], images[2:], path, batch_size=2) == pytest.approx(
-        Q.frechet_distance(ref[:2], ref[2:]), rel=1e-3)
+    got_fid = inception.fid_from_images(images[:2], images[2:], path, batch_size=2)
+    assert got_fid == pytest.approx(frechet.frechet_distance(ref[:2], ref[2:]), rel=1e-3)
 
 
 def test_resize_matches_torch_bilinear():
@@ -339,20 +340,20 @@ def test_resize_matches_torch_bilinear():
     ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
                                           size=(size, size), mode="bilinear",
                                           align_corners=False).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(np.asarray(fid.resize_bilinear(x, size)), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(inception.resize_bilinear(x, size)), ref, atol=1e-5)
 
 
 def test_missing_or_wrong_inception_file_is_a_clear_error(tmp_path):
   images = np.zeros((2, 8, 8, 1), np.uint8)
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
-    fid.fid_from_images(images, images, str(tmp_path / fid.INCEPTION_FILE))
+    inception.fid_from_images(images, images, str(tmp_path / inception.INCEPTION_FILE))
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   wrong = str(tmp_path / "wrong.safetensors")
   save_file({"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3), np.float32)}, wrong)
   with pytest.raises(ValueError, match="469 missing tensors"):
-    fid.load_inception(wrong)
+    inception.load_inception(wrong)
   with pytest.raises(ValueError, match="float images must lie in"):
-    fid.to_unit_images(np.full((1, 8, 8, 3), 2.0))
+    pretrained.to_unit_images(np.full((1, 8, 8, 3), 2.0))
 
 
 # --- CLIP score against transformers ------------------------------------------------------------
@@ -364,7 +365,7 @@ TEXTS = ["A handwritten digit SEVEN", "the number 7", "an  eight, written by han
 def _tiny_vocab():
   """A valid byte-level BPE vocabulary: all bytes (plain and word-final) + merges of a few
   words, learned left to right, so words are whole tokens, partial merges or single bytes."""
-  chars = list(fid._bytes_to_unicode().values())
+  chars = list(clip_tokenizer._bytes_to_unicode().values())
   vocab, merges = chars + [c + "</w>" for c in chars], []
   for word in ("seven", "the", "number", "digit", "a", "handwritten", "an", "eight", "one"):
     parts = list(word[:-1]) + [word[-1] + "</w>"]
@@ -409,36 +410,37 @@ def tiny_clip(tmp_path_factory):
 
 def test_clip_tokenizer_matches_transformers(tiny_clip, monkeypatch):
   _, reference, folder = tiny_clip
-  mine = fid.ClipTokenizer(folder)
+  mine = clip_tokenizer.ClipTokenizer(folder)
   want = reference(TEXTS, max_length=16, truncation=True, padding="max_length")["input_ids"]
   np.testing.assert_array_equal(mine(TEXTS, 16), np.array(want))
   # Without the `regex` package the `re` fallback gives the same ids on these texts.
   monkeypatch.setitem(sys.modules, "regex", None)
-  np.testing.assert_array_equal(fid.ClipTokenizer(folder)(TEXTS, 16), np.array(want))
+  np.testing.assert_array_equal(clip_tokenizer.ClipTokenizer(folder)(TEXTS, 16),
+                                np.array(want))
 
 
 def test_clip_embeddings_and_score_match_transformers(tiny_clip):
   import torch  # pylint: disable=g-import-not-at-top
   model, _, folder = tiny_clip
   weights = os.path.join(folder, "model.safetensors")
-  params, configs = fid.load_clip(weights)
+  params, configs = clip.load_clip(weights)
   assert configs["vision"].num_heads == 3 and configs["text"].num_heads == 4  # config.json read
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 20, 28, 3)).astype(np.uint8)
-  pixels = fid.clip_preprocess(images, 32)
-  ids = fid.ClipTokenizer(folder)(TEXTS[:3], 16)
+  pixels = clip.clip_preprocess(images, 32)
+  ids = clip_tokenizer.ClipTokenizer(folder)(TEXTS[:3], 16)
   with torch.no_grad():
     ref_img = model.get_image_features(
         pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output.numpy()
     ref_txt = model.get_text_features(input_ids=torch.from_numpy(ids).long()).pooler_output.numpy()
-  got_img = np.asarray(fid.clip_image_embeds(params["vision"], configs["vision"], pixels))
-  got_txt = np.asarray(fid.clip_text_embeds(params["text"], configs["text"], ids,
-                                            fid.ClipTokenizer(folder).eot_id))
+  got_img = np.asarray(clip.clip_image_embeds(params["vision"], configs["vision"], pixels))
+  got_txt = np.asarray(clip.clip_text_embeds(params["text"], configs["text"], ids,
+                                             clip_tokenizer.ClipTokenizer(folder).eot_id))
   np.testing.assert_allclose(got_img, ref_img, atol=1e-4)
   np.testing.assert_allclose(got_txt, ref_txt, atol=1e-4)
   unit = lambda e: e / np.linalg.norm(e, axis=-1, keepdims=True)
   expected = np.mean(np.maximum(100 * np.sum(unit(ref_img) * unit(ref_txt), -1), 0))
-  assert fid.clip_score(images, TEXTS[:3], weights, folder) == pytest.approx(expected, abs=1e-3)
+  assert clip.clip_score(images, TEXTS[:3], weights, folder) == pytest.approx(expected, abs=1e-3)
 
 
 def test_clip_preprocess_follows_the_hf_image_processor():
@@ -451,7 +453,7 @@ def test_clip_preprocess_follows_the_hf_image_processor():
     blocks = rng.integers(0, 256, (2, shape[0] // 4, shape[1] // 4, 3)).astype(np.uint8)
     images = blocks.repeat(4, axis=1).repeat(4, axis=2)
     want = np.asarray(processor(list(images), return_tensors="np")["pixel_values"])
-    got = fid.clip_preprocess(images, 32).transpose(0, 3, 1, 2)
+    got = clip.clip_preprocess(images, 32).transpose(0, 3, 1, 2)
     assert np.mean(np.abs(got - want)) < 0.02  # PIL's uint8 rounding and edge handling only
 
 
@@ -459,17 +461,17 @@ def test_missing_clip_files_are_clear_errors(tmp_path, tiny_clip):
   _, _, folder = tiny_clip
   images = np.zeros((1, 8, 8, 1), np.uint8)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    fid.clip_score(images, ["a 1"], str(tmp_path / "model.safetensors"), folder)
+    clip.clip_score(images, ["a 1"], str(tmp_path / "model.safetensors"), folder)
   with pytest.raises(FileNotFoundError, match="vocab.json"):
-    fid.clip_score(images, ["a 1"], os.path.join(folder, "model.safetensors"), str(tmp_path))
+    clip.clip_score(images, ["a 1"], os.path.join(folder, "model.safetensors"), str(tmp_path))
 
 
 def test_upsample_to_digits_is_nearest_neighbour():
   low = np.arange(2 * 4 * 4).reshape(2, 4, 4, 1) % 17
-  up = Q.upsample_to_digits(low)
+  up = dc.upsample_to_digits(low)
   assert up.shape == (2, 8, 8, 1)
   for y in range(8):
     for x in range(8):
       np.testing.assert_array_equal(up[:, y, x], low[:, y // 2, x // 2])
   eight = np.ones((1, 8, 8, 1), np.int32)
-  np.testing.assert_array_equal(Q.upsample_to_digits(eight), eight)
+  np.testing.assert_array_equal(dc.upsample_to_digits(eight), eight)
