@@ -5,8 +5,8 @@ r"""Times the trainer's train step, its input pipeline and a bits/dim pass (run 
       --fake_devices 8 --devices 8                              # 8 fake CPU devices
   python bench/bench_train.py --override model.score_unet.n_layer=8 --peak_tflops 989
 
-Everything goes through the trainer's own functions (`trainer.build`, `trainer._compile_step`,
-`trainer.put_batch`, `trainer.evaluate_bpd`, `pipeline.make_loader`), so the numbers are
+Everything goes through the trainer's own functions (`setup_lib.build`, `trainer.compile_step`,
+`setup_lib.put_batch`, `workdir_lib.evaluate_bpd`, `pipeline.make_loader`), so the numbers are
 those of `python -m launch.train`. The data defaults to "synthetic:32x32x3" (random images,
 no dataset needed). Sections, each printed as it finishes, then one JSON line of results:
 
@@ -17,7 +17,7 @@ no dataset needed). Sections, each printed as it finishes, then one JSON line of
             --peak_tflops, model FLOPs utilization (MFU).
   input     the trainer's loop (next(loader) -> put_batch -> step, dispatched asynchronously,
             blocked once at the end): the share of wall time spent in next() + put_batch.
-  eval      trainer.evaluate_bpd over the first --eval_examples of the synthetic test split:
+  eval      workdir_lib.evaluate_bpd over the first --eval_examples of the synthetic test split:
             wall time per call, the part of it spent compiling (evaluate_bpd jits its
             function afresh on every call), examples/s without and with that part.
   memory    peak resident set size of this process (getrusage), grain workers not included.
@@ -134,14 +134,14 @@ def time_input_loop(setup, compiled, state, data_iter, *, steps: int):
   loader runs while the device computes; what the device cannot hide shows as input time.
   One untimed step first (the iterator's start-up is not steady state).
   """
-  from launch import trainer  # pylint: disable=g-import-not-at-top
-  state, metrics = compiled(state, trainer.put_batch(setup, next(data_iter)))
+  from launch import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  state, metrics = compiled(state, setup_lib.put_batch(setup, next(data_iter)))
   _block((state, metrics))
   input_s = 0.0
   start = time.perf_counter()
   for _ in range(steps):
     t0 = time.perf_counter()
-    batch = trainer.put_batch(setup, next(data_iter))
+    batch = setup_lib.put_batch(setup, next(data_iter))
     input_s += time.perf_counter() - t0
     state, metrics = compiled(state, batch)
   _block((state, metrics))
@@ -166,24 +166,24 @@ class CompileClock:
 
 
 def time_eval(setup, params, config, *, calls: int) -> dict:
-  """trainer.evaluate_bpd timed `calls` times: wall seconds per call, the part of it spent
+  """workdir_lib.evaluate_bpd timed `calls` times: wall seconds per call, the part of it spent
   compiling, and examples/s with and without that part. An error is reported, not raised,
   so that the numbers measured before it still print."""
   import jax  # pylint: disable=g-import-not-at-top
-  from launch import trainer  # pylint: disable=g-import-not-at-top
+  from launch import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   clock = CompileClock()
   walls, compiles = [], []
   try:
     for i in range(calls):
       clock.seconds = 0.0
       start = time.perf_counter()
-      out = trainer.evaluate_bpd(setup, params, split=config.data.eval_split,
-                                 rng=jax.random.key(i))
+      out = workdir_lib.evaluate_bpd(setup, params, split=config.data.eval_split,
+                                     rng=jax.random.key(i))
       walls.append(time.perf_counter() - start)
       compiles.append(clock.seconds)
   except Exception as e:  # pylint: disable=broad-except
     error = f"{type(e).__name__}: {e}"
-    print(f"bits/dim pass FAILED in trainer.evaluate_bpd: {error}")
+    print(f"bits/dim pass FAILED in workdir_lib.evaluate_bpd: {error}")
     return {"eval_error": error}
   n = out["num_examples"]
   best = min(range(calls), key=lambda i: walls[i] - compiles[i])
@@ -206,6 +206,7 @@ def main(argv=None):
 
   import jax  # pylint: disable=g-import-not-at-top
   from launch import config_flags, families, trainer  # pylint: disable=g-import-not-at-top
+  from launch import setup as setup_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from launch.data import pipeline  # pylint: disable=g-import-not-at-top
 
   overrides = [f"data.name={args.data}"] if args.data else []
@@ -235,7 +236,8 @@ def main(argv=None):
   # --------------------------------------------------------------------- build and init
   start = time.perf_counter()
   # A scratch workdir: Imagen stages build their text-embedding cache there on first use.
-  setup = trainer.build(config, devices, workdir=args.workdir)
+  setup = setup_lib.build(config, devices, workdir=args.workdir,
+                          frozen_module=workdir_lib.frozen_module(config))
   state = _block(setup.init())
   result["init_s"] = time.perf_counter() - start
   result["params_m"] = sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6
@@ -247,7 +249,7 @@ def main(argv=None):
                                 worker_count=worker_count)
   data_iter = iter(loader)
   first = next(data_iter)
-  compiled, compile_s = trainer._compile_step(  # pylint: disable=protected-access
+  compiled, compile_s = trainer.compile_step(
       setup, families.device_batch(first, setup.family.batch_keys))
   mem = memory_of(compiled)
   flops = flops_of(compiled.cost_analysis())
@@ -260,7 +262,7 @@ def main(argv=None):
         f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis)")
 
   # ----------------------------------------------------------------------- steady state
-  batch = trainer.put_batch(setup, first)
+  batch = setup_lib.put_batch(setup, first)
   state, times = time_steps(compiled, state, batch, warmup=args.warmup, steps=args.steps)
   mean_s, median_s = statistics.fmean(times), statistics.median(times)
   result.update(step_ms_mean=1e3 * mean_s, step_ms_median=1e3 * median_s,

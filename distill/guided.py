@@ -28,9 +28,9 @@ def with_guidance_weight(cond, w):
 
 
 def guided_target(teacher_fn, z, logsnr, cond, w, drop, clip_x=samplers.no_clip):
-  """The guided teacher's x-hat at (z, logsnr), both branches in one batch of 2B, after the
-  sampler's x-hat hook (what sampling the guided teacher would use); `drop` removes the
-  conditioning (vdm.guidance.drop_label / drop_text)."""
+  """The guided teacher's x-hat at (z, logsnr), both branches in one batch of 2B; `drop`
+  removes the conditioning (the teacher's `drop_conditioning`). Unclipped by default: the
+  guided x-hat leaves [-1, 1] for large w, and the student must learn it as it is."""
   return clip_x(guidance.guided(teacher_fn, w, drop)(z, logsnr, cond).x)
 
 

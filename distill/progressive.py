@@ -13,7 +13,8 @@ of the paper:
 
 The student regresses its x-hat on the target with an x-space weight (truncated SNR
 max(SNR, 1) or SNR + 1, sec. 4 of the paper). Pure functions of arrays: the teacher is any
-`denoise_fn(z, logsnr, cond) -> Prediction`, already clipped if the sampler clips.
+`denoise_fn(z, logsnr, cond) -> Prediction`, unclipped as in the paper's Algorithm 2 and
+released code (clipping x-hat is for sampling; `distill.experiment` can apply a hook).
 """
 
 import jax

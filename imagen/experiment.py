@@ -19,28 +19,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen import noise_augmentation, text_conditioning, thresholding
-from imagen.efficient_unet import EfficientUNet, efficient_unet_config
+from imagen import noise_augmentation, text_conditioning
+from imagen.efficient_unet import EfficientUNet
+from imagen.unet_presets import efficient_unet_config
 from vdm import guidance, losses, process, samplers, schedules
-from vdm.experiment import schedule_from_config
+from vdm.model import DiffusionModel
 
 
-class ImagenStage(nnx.Module):
+class ImagenStage(DiffusionModel):
   """Efficient U-Net + schedule + parameterization at one resolution of the cascade."""
 
   def __init__(self, net, schedule, parameterization: str, num_levels: int, image_shape,
                lowres_size: int):
-    self.net, self.schedule = net, schedule
-    self.parameterization = parameterization
-    self.num_levels, self.image_shape = num_levels, tuple(image_shape)
+    super().__init__(net, schedule, parameterization, num_levels, image_shape)
     self.lowres_size = lowres_size          # 0 for the base stage
 
-  def denoise(self, z, logsnr, cond=None, *, dropout_key=None) -> process.Prediction:
-    out = self.net(z, logsnr, cond, dropout_key=dropout_key)
-    return process.predict(z, logsnr, out, self.parameterization)
+  def data_and_cond(self, batch, rng, cfg):
+    """The stage's images, its text and (SR stages) the low-res input at the sampling
+    augmentation level: what the stage sees when it runs in the cascade."""
+    return stage_images(self, batch), stage_cond(self, batch, rng, cfg, train=False)
 
-  def logsnr(self, t):
-    return self.schedule(t)
+  drop_conditioning = staticmethod(guidance.drop_text)
 
 
 def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -57,7 +56,7 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.floa
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
                 guidance_embedding=cfg.get("guidance_embedding", False))
   net = EfficientUNet(**kwargs, rngs=rngs)
-  return ImagenStage(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization,
+  return ImagenStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
                      num_levels, shape, cfg.lowres_size)
 
 
@@ -152,7 +151,7 @@ def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, gui
            sampler: str = "ddim", eta: float = 0.0, threshold: str = "dynamic",
            percentile: float = 99.5):
   """`num` images in [-1, 1] from this stage given its cond (text, and lowres for SR)."""
-  clip_x = thresholding.clip_hook(threshold, percentile)
+  clip_x = samplers.clip_hook(threshold, percentile)
   denoise = guidance.guided(lambda z, lam, c: model.denoise(z, lam, c), guidance_w,
                             guidance.drop_text)
   return samplers.sample(denoise, model.logsnr, (num,) + model.image_shape, rng,

@@ -31,10 +31,12 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from distill import experiment
 from evaluation import digits_classifier, inception
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distill_family, distributed, images, trainer
-from launch import metrics as metrics_lib
+from launch import config_flags, distributed, images, metric_writer, trainer
+from launch import setup as setup_lib
+from launch import workdir as workdir_lib
 
 _CONFIG = config_flags.define_config_flag("config")
 _TEACHER = flags.DEFINE_string("teacher", None, "The teacher's training workdir.",
@@ -85,7 +87,8 @@ def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_t
       kind=stage["kind"], base_family=base_family, teacher=teacher_dir,
       teacher_step=d.teacher_step if teacher_dir == original_teacher else 0,
       teacher_guidance_embedding=teacher_w, student_steps=stage["steps"],
-      weighting=d.weighting, clip=d.clip, sampler=d.sampler, w_min=d.w_min, w_max=d.w_max,
+      weighting=d.weighting, clip=d.clip, target_clip=d.target_clip,
+      allow_eps_teacher=d.allow_eps_teacher, sampler=d.sampler, w_min=d.w_min, w_max=d.w_max,
       sample_w=d.sample_w)
   return c
 
@@ -93,10 +96,10 @@ def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_t
 def seed_student(config, workdir: str, devices=None):
   """Writes step 0 of a stage: params (and EMA) copied from the teacher; parameters the
   teacher lacks (a new guidance-weight embedding, zero-initialised) keep their init."""
-  setup = trainer.build(config, devices, workdir=workdir, with_frozen=False)
+  setup = setup_lib.build(config, devices, workdir=workdir)
   state = setup.init()
-  teacher, _ = distill_family.load_teacher(config.distill.teacher,
-                                           config.distill.teacher_step or None)
+  teacher, _ = workdir_lib.load_ema_model(config.distill.teacher,
+                                          config.distill.teacher_step or None)
   from_teacher = nnx.state(teacher, nnx.Param).to_pure_dict()
 
   def copy(student, source, path=""):
@@ -134,21 +137,21 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weigh
   """(integer samples, report). Digits: FD in the small classifier's features, and class
   accuracy for conditional models. Other data: FID against the first `num` images of the
   eval split when `fid_weights` (evaluation/inception.py's Inception file) is given, else {}."""
-  samples = trainer.sample_images(setup, params, jax.random.key(seed), num=num,
+  samples = workdir_lib.sample_images(setup, params, jax.random.key(seed), num=num,
                                   num_steps=num_steps)
   config = setup.config
   levels = setup.source.num_levels
   if config.data.name != "digits":
     if not fid_weights:
       return samples, {}
-    source = trainer.data_source(config, config.data.eval_split, setup.workdir)
+    source = setup_lib.data_source(config, config.data.eval_split, setup.workdir)
     real = np.stack([np.asarray(source[i]["image"]) for i in range(len(samples))])
     return samples, {"fid": inception.fid_from_images(images.to_uint8(samples, levels),
                                                       images.to_uint8(real, levels),
                                                       fid_weights)}
   labels = None
   if _conditional(config):
-    source = trainer.data_source(config, config.data.eval_split, setup.workdir)
+    source = setup_lib.data_source(config, config.data.eval_split, setup.workdir)
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
   ints = digits_classifier.upsample_to_digits(samples)
   return samples, digits_classifier.digits_report(ints, labels, num_levels=levels)
@@ -163,8 +166,8 @@ def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dic
     overrides = {"eval.sampler": "ddim"}
     if dcfg.distill.guided:
       overrides["eval.guidance_w"] = dcfg.distill.sample_w
-    setup, state, ckpt = trainer.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
-                                              overrides, devices, with_frozen=False)
+    setup, state, ckpt = workdir_lib.load_workdir(teacher_dir, dcfg.distill.teacher_step or None,
+                                                  overrides, devices, with_frozen=False)
     ckpt.close()
     cache["teacher"] = (setup, state["ema"])
   if num_steps not in cache:
@@ -176,7 +179,7 @@ def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dic
 
 def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
               train_seconds: float, devices=None) -> dict:
-  setup, state, ckpt = trainer.load_workdir(workdir, devices=devices, with_frozen=False)
+  setup, state, ckpt = workdir_lib.load_workdir(workdir, devices=devices, with_frozen=False)
   ckpt.close()
   num = int(dcfg.distill.eval_samples)
   start = time.perf_counter()
@@ -228,8 +231,13 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
   if dcfg.distill.guided and not _conditional(teacher_config):
     raise ValueError("guided distillation needs a conditional teacher trained with "
                      "conditioning dropout (e.g. configs/vdm/digits_cond.py)")
+  stages = plan(dcfg.distill)
+  for stage in stages:   # every stage's settings, before the first one trains
+    experiment.check_settings(stage["kind"], stage["steps"],
+                              teacher_config.model.parameterization,
+                              dcfg.distill.allow_eps_teacher)
   rows, previous, cache = [], teacher, {}
-  for stage in plan(dcfg.distill):
+  for stage in stages:
     stage_dir = os.path.join(workdir, stage["dir"])
     summary_path = os.path.join(stage_dir, "summary.json")
     if os.path.exists(summary_path):
@@ -272,7 +280,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   distributed.initialize()
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(_TEACHER.value, "distill"))
   run_pipeline(_CONFIG.value, _TEACHER.value, workdir)

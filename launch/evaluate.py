@@ -13,8 +13,9 @@ import os
 import jax
 from absl import app, flags
 
-from launch import distributed, trainer
-from launch import metrics as metrics_lib
+from launch import workdir as workdir_lib
+from launch import distributed
+from launch import metric_writer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
@@ -31,14 +32,14 @@ _MAX = flags.DEFINE_integer("max_examples", None, "Evaluate only the first N exa
 
 def main(argv):
   del argv
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   distributed.initialize()
-  setup, state, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value, {
+  setup, state, ckpt = workdir_lib.load_workdir(_WORKDIR.value, _STEP.value, {
       "eval.num_time_samples": _K.value, "eval.max_examples": _MAX.value})
   config = setup.config
   step = int(jax.device_get(state["step"]))
   split = _SPLIT.value or config.data.eval_split
-  result = trainer.evaluate_bpd(setup, state["ema" if _EMA.value else "params"], split=split,
+  result = workdir_lib.evaluate_bpd(setup, state["ema" if _EMA.value else "params"], split=split,
                                 rng=jax.random.key(config.seed + 2), method=_METHOD.value,
                                 **({"num_steps": _ODE_STEPS.value,
                                     "hutchinson": _HUTCHINSON.value}

@@ -23,7 +23,7 @@ from absl import app, flags
 from evaluation import digits_classifier
 from launch import distributed
 from launch.cascade import per_stage, run_cascade
-from launch import metrics as metrics_lib
+from launch import metric_writer
 from launch.data import digits
 from vdm import losses
 
@@ -51,7 +51,7 @@ def score(x, labels, num_levels: int) -> dict:
 
 def main(argv):
   del argv
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   distributed.initialize()
   stages = _STAGES.value
   n = len(stages)

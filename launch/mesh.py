@@ -283,6 +283,18 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def shard_batch(mesh: Mesh, tree, num_shards: int):
+  """Host arrays (the same on every process) -> global arrays split over the data axes,
+  their leading dim padded with copies of the last row to a multiple of num_shards."""
+  def one(x):
+    x = np.asarray(x)
+    pad = -x.shape[0] % num_shards
+    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim),
+                                        lambda index: x[index])
+  return jax.tree.map(one, tree)
+
+
 # --- shardings of pytrees ------------------------------------------------------------------
 
 

@@ -9,8 +9,9 @@ import os
 import jax
 from absl import app, flags
 
-from launch import distributed, trainer
-from launch import metrics as metrics_lib
+from launch import workdir as workdir_lib
+from launch import distributed
+from launch import metric_writer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
@@ -24,17 +25,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv):
   del argv
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   distributed.initialize()
-  setup, state, ckpt = trainer.load_workdir(_WORKDIR.value, _STEP.value,
+  setup, state, ckpt = workdir_lib.load_workdir(_WORKDIR.value, _STEP.value,
                                             {"eval.sampler": _SAMPLER.value})
   config = setup.config
   step = int(jax.device_get(state["step"]))
-  samples = trainer.sample_images(setup, state["ema"], jax.random.key(_SEED.value),
+  samples = workdir_lib.sample_images(setup, state["ema"], jax.random.key(_SEED.value),
                                   num=_NUM.value, num_steps=_STEPS.value)
   out = _OUT.value or os.path.join(
       _WORKDIR.value, "samples", f"sample_step{step}_{config.eval.sampler}{_STEPS.value}.png")
-  trainer.write_samples(setup, samples, out)
+  workdir_lib.write_samples(setup, samples, out)
   print(out)
   ckpt.close()
 

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from launch import cascade, distributed, images
-from launch import metrics as metrics_lib
+from launch import metric_writer
 from vdm import losses
 
 _STAGES = flags.DEFINE_list("stages", None, "Stage workdirs, base first.", required=True)
@@ -50,7 +50,7 @@ def read_prompts() -> list[str]:
 
 def main(argv):
   del argv
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   distributed.initialize()
   stages, prompts = _STAGES.value, read_prompts()
   n = len(stages)

@@ -10,7 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags
 
 from launch import config_flags, trainer
-from launch import metrics as metrics_lib
+from launch import metric_writer
 
 _CONFIG = config_flags.define_config_flag("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, "
@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  metrics_lib.setup_logging()
+  metric_writer.setup_logging()
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

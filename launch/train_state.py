@@ -102,15 +102,23 @@ def make_train_step(loss_and_grads: Callable, tx: optax.GradientTransformation, 
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     loss, metrics, grads = grads_of(state["params"], batch, rng, *frozen)
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    d = ema_decay_at(state["step"], ema_decay)
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
+
+    def apply(trained):
+      params, opt_state, ema = trained
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      d = ema_decay_at(state["step"], ema_decay)
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+      return params, opt_state, ema
+
+    # A non-finite update is never applied; the step counter still moves on (skip policy).
+    # One lax.cond over the whole update, not a jnp.where per leaf: the per-leaf select made
+    # XLA copy the all-leaves finiteness test into every fusion, so the optimized HLO grew
+    # quadratically with depth (bench/README.md, "Compile time against depth").
+    trained = (state["params"], state["opt_state"], state["ema"])
+    params, opt_state, ema = jax.lax.cond(finite, apply, lambda t: t, trained)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema,
            "rng": state["rng"]}
-    # A non-finite update is never applied; the step counter still moves on (skip policy).
-    keep = lambda n, o: jnp.where(finite, n, o)
-    new = {k: (new[k] if k == "step" else jax.tree.map(keep, new[k], state[k])) for k in new}
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    nonfinite=1.0 - finite.astype(jnp.float32))
     return new, metrics

@@ -126,8 +126,8 @@ def wait_until(condition, runs, timeout: float, what: str, interval: float = 0.0
 
 
 def metrics(workdir) -> list[dict]:
-  from launch import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  return metrics_lib.read_metrics(str(workdir))
+  from launch import metric_writer  # pylint: disable=g-import-not-at-top
+  return metric_writer.read_metrics(str(workdir))
 
 
 def train_records(workdir) -> dict[int, dict]:

@@ -9,6 +9,8 @@ import pytest
 from configs.imagen import digits_base, digits_sr
 from evaluation import digits_classifier
 from imagen import experiment
+from launch import setup as setup_lib
+from launch import workdir as workdir_lib
 from launch import cascade, mesh as mesh_lib, trainer
 from vdm import losses
 
@@ -38,9 +40,9 @@ def stages(tmp_path_factory):
 def test_sr_stage_respects_its_input_at_augmentation_level_zero(stages):
   """Downsampling the SR output gives back the 4x4 input (imagen-pytorch users report SR
   stages that ignore it). Real test digits, no text: the input is the only clue."""
-  setup, state, ckpt = trainer.load_workdir(stages[1], devices=jax.devices()[:1])
+  setup, state, ckpt = workdir_lib.load_workdir(stages[1], devices=jax.devices()[:1])
   ckpt.close()
-  model = trainer.model_with(setup, state["ema"])
+  model = setup_lib.model_with(setup, state["ema"])
   images, _ = digits_classifier.real_digits("test")
   low = experiment.downsample(losses.int_to_x(jnp.asarray(images[:64]), 17), 4)
   cond = {"text_emb": jnp.zeros((64, 16, 32)), "text_mask": jnp.zeros((64, 16), jnp.int32)}
@@ -57,7 +59,7 @@ def test_sr_stage_respects_its_input_at_augmentation_level_zero(stages):
 def test_shard_batch_pads_to_the_data_shards_and_keeps_rows():
   mesh = mesh_lib.make_mesh((-1, 1, 1), devices=jax.devices())
   x = np.arange(3 * 2).reshape(3, 2).astype(np.float32)
-  sharded = cascade.shard_batch(mesh, {"x": x}, mesh_lib.batch_shards(mesh))["x"]
+  sharded = mesh_lib.shard_batch(mesh, {"x": x}, mesh_lib.batch_shards(mesh))["x"]
   assert sharded.shape == (8, 2) and len(sharded.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(sharded)[:3], x)
   np.testing.assert_array_equal(np.asarray(sharded)[3:], np.repeat(x[-1:], 5, axis=0))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs.vdm import digits_cond
 from distill import guided, progressive, sampling
-from launch import distill_family
+from launch import families
 from vdm import experiment, guidance, process, samplers, schedules
 
 
@@ -183,7 +183,7 @@ def test_guided_student_learns_the_guided_teacher_across_the_w_range():
 
   @jax.jit
   def step(params, opt_state, rng):
-    _, _, grads = distill_family.loss_and_grads(graphdef, params, batch, rng, cfg, teacher)
+    _, _, grads = families.get_family("distill").loss_and_grads(graphdef, params, batch, rng, cfg, teacher)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
@@ -215,7 +215,7 @@ def test_imagen_sr_stage_distils_with_its_text_and_lowres_input_passed_through()
   graphdef, params = nnx.split(teacher, nnx.Param)
   params = jax.tree.map(lambda p: p + 0.05, params)      # a student that differs a little
   rng = jax.random.key(3)
-  loss, _, grads = jax.jit(lambda p: distill_family.loss_and_grads(
+  loss, _, grads = jax.jit(lambda p: families.get_family("distill").loss_and_grads(
       graphdef, p, batch, rng, config, teacher))(params)
 
   @jax.jit
@@ -226,7 +226,7 @@ def test_imagen_sr_stage_distils_with_its_text_and_lowres_input_passed_through()
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   config.optim.weight_decay = 0.01
   with pytest.raises(ValueError, match="weight_decay=0"):
-    distill_family.loss_and_grads(graphdef, params, batch, rng, config, teacher)
+    families.get_family("distill").loss_and_grads(graphdef, params, batch, rng, config, teacher)
 
 
 def _sr_loss_by_hand(teacher, graphdef, params, batch, rng, config):

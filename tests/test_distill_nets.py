@@ -18,7 +18,8 @@ from flax import nnx
 from configs.imagen import digits_base
 from configs.vdm import digits
 from imagen import experiment as imagen_experiment
-from imagen.efficient_unet import EfficientUNet, efficient_unet_config
+from imagen.efficient_unet import EfficientUNet
+from imagen.unet_presets import efficient_unet_config
 from tests.net_helpers import perturb
 from vdm import experiment, process
 from vdm.nets import layers

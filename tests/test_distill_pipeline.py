@@ -11,9 +11,12 @@ import pytest
 from flax import nnx
 
 from configs.distill import digits as distill_digits
-from configs.vdm import digits
+from configs.distill import digits_teacher
+from distill import experiment
 from launch import checkpoint as checkpoint_lib
-from launch import distill, distill_family, trainer
+from launch import distill, families, trainer
+from launch import setup as setup_lib
+from launch import workdir as workdir_lib
 
 
 def _plan(start, end, guided=False):
@@ -47,14 +50,14 @@ def test_missing_fid_weights_fail_before_any_training(tmp_path):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  config = digits.get_config("runlocal")
+  config = digits_teacher.get_config("runlocal")     # v-parameterization
   config.train.update(dict(eval_every=0, sample_every=0, num_steps=4, checkpoint_every=4))
   trainer.train(config, workdir, devices=jax.devices()[:1])
   return workdir
 
 
 def _params(workdir, step):
-  setup, state, ckpt = trainer.load_workdir(workdir, step, devices=jax.devices()[:1],
+  setup, state, ckpt = workdir_lib.load_workdir(workdir, step, devices=jax.devices()[:1],
                                             with_frozen=False)
   ckpt.close()
   return jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))
@@ -98,7 +101,7 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
   # 3. each student started as a copy of its teacher (step 0 = the teacher's EMA weights)
   for student_dir, teacher_dir, teacher_step in [(stage0, teacher, 4), (stage1, stage0, 6)]:
     got = _params(student_dir, 0)
-    _, state, ckpt = trainer.load_workdir(teacher_dir, teacher_step,
+    _, state, ckpt = workdir_lib.load_workdir(teacher_dir, teacher_step,
                                               devices=devices, with_frozen=False)
     ckpt.close()
     want = jax.tree.map(np.asarray, nnx.to_pure_dict(state["ema"]))
@@ -117,16 +120,16 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
 
 def test_student_samples_with_one_step_equal_one_ddim_step_of_its_network(teacher):
   """The family's sampler: N=1 is x-hat at t = 1 from z_1 ~ N(0, I), statically clipped."""
-  setup, state, ckpt = trainer.load_workdir(teacher, devices=jax.devices()[:1])
+  setup, state, ckpt = workdir_lib.load_workdir(teacher, devices=jax.devices()[:1])
   ckpt.close()
-  model = trainer.model_with(setup, state["ema"])
+  model = setup_lib.model_with(setup, state["ema"])
   config = setup.config.unlock()
   config.distill = dict(kind="progressive", base_family="vdm", sample_w=1.0, sampler="ddim",
                         clip="static")
   config.model.guidance_embedding = False
   batch = {"image": np.zeros((3, 8, 8, 1), np.int32), "label": np.zeros(3, np.int32)}
   rng = jax.random.key(0)
-  got = distill_family.sample(model, rng, batch, config, num_steps=1)
+  got = families.get_family("distill").sample(model, rng, batch, config, num_steps=1)
   _, k_sample = jax.random.split(rng)
   z = jax.random.normal(jax.random.split(k_sample)[0], (3, 8, 8, 1))
   x = np.clip(np.asarray(model.denoise(z, model.logsnr(np.ones(3, np.float32))).x), -1, 1)
@@ -144,6 +147,29 @@ def test_bad_teachers_are_clear_errors(teacher, tmp_path):
     distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
 
 
+def test_an_eps_teacher_is_refused_below_8_steps_before_any_training(teacher, tmp_path):
+  """Salimans & Ho sec. 4: an eps-teacher's x-hat blows up as alpha -> 0, so students of
+  fewer than 8 steps cannot be distilled from it; the pipeline says so before stage one."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  eps_teacher = str(tmp_path / "eps_teacher")
+  shutil.copytree(teacher, eps_teacher)
+  for meta in (tmp_path / "eps_teacher" / "checkpoints").glob("*/config/metadata"):
+    saved = json.loads(meta.read_text())
+    assert saved["model"]["parameterization"] == "v"
+    saved["model"]["parameterization"] = "eps"
+    meta.write_text(json.dumps(saved))
+  dcfg = distill_digits.get_config("runlocal")          # 4 -> 2 -> 1 steps
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="predicts eps.*parameterization=v"):
+    distill.run_pipeline(dcfg, eps_teacher, str(out), jax.devices()[:1])
+  assert not out.exists() or not any(out.iterdir())
+  dcfg.distill.update(dict(start_steps=64, end_steps=8))   # 32, 16, 8: allowed
+  assert [s["steps"] for s in distill.plan(dcfg.distill)] == [32, 16, 8]
+  for stage in distill.plan(dcfg.distill):
+    experiment.check_settings(stage["kind"], stage["steps"], "eps")
+  experiment.check_settings("progressive", 1, "eps", allow_eps_teacher=True)
+
+
 def test_a_checkpoint_saved_before_a_config_key_existed_still_loads(teacher, tmp_path):
   """Old workdirs: keys added to the configs later get their defaults when loading."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -153,6 +179,6 @@ def test_a_checkpoint_saved_before_a_config_key_existed_still_loads(teacher, tmp
   saved = json.loads(meta.read_text())
   del saved["model"]["p_uncond"], saved["eval"]["guidance_w"]
   meta.write_text(json.dumps(saved))
-  setup, _, ckpt = trainer.load_workdir(old, devices=jax.devices()[:1], with_frozen=False)
+  setup, _, ckpt = workdir_lib.load_workdir(old, devices=jax.devices()[:1], with_frozen=False)
   ckpt.close()
   assert setup.config.model.p_uncond == 0.0 and setup.config.eval.guidance_w == 0.0

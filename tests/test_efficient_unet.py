@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from imagen import efficient_unet as eu
-from imagen.efficient_unet import EfficientUNet, efficient_unet_config, param_count
+from imagen.efficient_unet import EfficientUNet
+from imagen.unet_presets import efficient_unet_config, param_count
 from tests.net_helpers import perturb
 from vdm.nets import layers
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen import noise_augmentation, thresholding
+from imagen import noise_augmentation
 from vdm import guidance
 from vdm import process, samplers, schedules
 
@@ -13,17 +13,17 @@ from vdm import process, samplers, schedules
 def test_dynamic_threshold_formula_and_edge_cases():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 4, 4, 1)).astype(np.float32) * np.array([0.3, 2.0, 5.0])[:, None, None, None]
-  out = np.asarray(thresholding.dynamic_threshold(90.0)(jnp.asarray(x)))
+  out = np.asarray(samplers.dynamic_threshold(90.0)(jnp.asarray(x)))
   for i in range(3):
     s = max(np.percentile(np.abs(x[i]), 90.0), 1.0)
     np.testing.assert_allclose(out[i], np.clip(x[i], -s, s) / s, rtol=1e-5, atol=1e-6)
   # p-th percentile below 1: x-hat is left exactly as it is (s = max(p, 1) = 1, all |x| < 1).
   small = jnp.asarray(rng.uniform(-0.9, 0.9, (2, 3, 3, 1)), jnp.float32)
-  np.testing.assert_array_equal(thresholding.dynamic_threshold()(small), small)
+  np.testing.assert_array_equal(samplers.dynamic_threshold()(small), small)
   # The result always lies in [-1, 1].
   assert np.abs(out).max() <= 1.0 + 1e-6
   with pytest.raises(ValueError, match="percentile"):
-    thresholding.dynamic_threshold(0.0)
+    samplers.dynamic_threshold(0.0)
 
 
 def test_dynamic_threshold_plugs_into_the_sampler_hook():
@@ -35,7 +35,7 @@ def test_dynamic_threshold_plugs_into_the_sampler_hook():
     return process.from_x(z, 3.0 * target, logsnr)
 
   x = samplers.sample(denoise, schedules.CosineLogSNR(), target.shape, jax.random.key(0),
-                      num_steps=5, clip_x=thresholding.dynamic_threshold(99.5))
+                      num_steps=5, clip_x=samplers.dynamic_threshold(99.5))
   np.testing.assert_allclose(x, target, atol=1e-5)
 
 

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 
 from launch import config_flags, families, trainer
+from launch import setup as setup_lib
+from launch import workdir as workdir_lib
 from launch.data import pipeline
 
 
@@ -13,7 +15,8 @@ def _losses(workdir, text_source, *, zero_text=False, steps=3):
   config = config_flags.load_config("configs/imagen/digits_base.py:runlocal",
                                     [f"data.text_source={text_source}", "mesh.ici=(2, 1, 1)",
                                      "optim.warmup_steps=0", "optim.lr=0.01"])
-  setup = trainer.build(config, jax.devices()[:2], workdir=str(workdir))
+  setup = setup_lib.build(config, jax.devices()[:2], workdir=str(workdir),
+                          frozen_module=workdir_lib.frozen_module(config))
   state = setup.init()
   loader = iter(pipeline.make_loader(setup.source, global_batch_size=config.train.batch_size,
                                      seed=config.seed))
@@ -21,11 +24,11 @@ def _losses(workdir, text_source, *, zero_text=False, steps=3):
   if zero_text:
     for b in batches:
       b["text_emb"] = np.zeros_like(b["text_emb"])
-  compiled, _ = trainer._compile_step(
+  compiled, _ = trainer.compile_step(
       setup, families.device_batch(batches[0], setup.family.batch_keys))
   out = []
   for b in batches:
-    state, metrics = compiled(state, trainer.put_batch(setup, b), *trainer.frozen_args(setup))
+    state, metrics = compiled(state, setup_lib.put_batch(setup, b), *setup_lib.frozen_args(setup))
     out.append(float(metrics["loss"]))
   return setup, batches[0], np.array(out)
 

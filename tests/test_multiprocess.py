@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from launch import trainer
+from launch import setup as setup_lib
 from launch.data import pipeline
 from tests import runtime_helpers as h
 
@@ -77,7 +77,7 @@ def test_two_processes_equal_one_process_fed_the_same_global_batches(runs, confi
                                rtol=1e-5, err_msg=f"loss at step {step}")
 
   assert h.checkpoint_steps(two) == h.checkpoint_steps(one) == [STEPS]
-  setup = trainer.build(config)
+  setup = setup_lib.build(config)
   state_two = h.host(h.restore(setup, two))   # written by 2 processes, read by 1
   state_one = h.host(h.restore(setup, one))
   assert int(state_two["step"]) == STEPS

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -108,4 +109,5 @@ def test_pinned_learned_schedule_keeps_endpoints_after_parameter_change():
 
 def test_unknown_schedule_is_a_clear_error():
   with pytest.raises(ValueError, match="choose one of"):
-    schedules.make_schedule("quadratic")
+    schedules.from_config(ml_collections.ConfigDict(
+        dict(name="quadratic", logsnr_min=-5.0, logsnr_max=5.0)))

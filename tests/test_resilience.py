@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from launch import setup as setup_lib
 from launch import checkpoint, trainer
 from launch.data import pipeline
 from tests import runtime_helpers as h
@@ -89,7 +90,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def setup_8():
   """The reference config built on the 8 devices of this process."""
-  return trainer.build(h.load_config(*REFERENCE))
+  return setup_lib.build(h.load_config(*REFERENCE))
 
 
 def _ok(run):
@@ -216,7 +217,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_checkpoints(runs):
   # Every step before the bad one is on disk (the raise waits for the async save) and
   # restores with finite values; the bad step's update is in no checkpoint.
   assert h.checkpoint_steps(run.workdir) == list(range(1, bad))
-  setup = trainer.build(h.load_config(*DIVERGING))
+  setup = setup_lib.build(h.load_config(*DIVERGING))
   for step in range(1, bad):
     state = h.restore(setup, run.workdir, step=step)
     assert int(state["step"]) == step and _all_finite(state), step
@@ -231,7 +232,7 @@ def test_nan_policy_skip_finishes_without_applying_bad_updates(runs):
   assert sorted(records) == list(range(1, 7))
   skipped = [s for s in records if records[s]["train/nonfinite"] == 1]
   assert skipped and skipped[-1] == 6, records   # the run did diverge
-  setup = trainer.build(h.load_config(*DIVERGING, "train.nan_policy=skip"))
+  setup = setup_lib.build(h.load_config(*DIVERGING, "train.nan_policy=skip"))
   states = {s: h.host(h.restore(setup, run.workdir, step=s))
             for s in h.checkpoint_steps(run.workdir)}
   assert sorted(states) == list(range(1, 7))
@@ -250,16 +251,16 @@ def test_checkpoint_from_8_devices_restores_and_evaluates_on_4_2_1(runs, setup_8
   rng = jax.random.key(1234)
   params, terms = {}, {}
   for k in (8, 4, 2, 1):
-    setup = setup_8 if k == 8 else trainer.build(config, devices=jax.devices()[:k])
+    setup = setup_8 if k == 8 else setup_lib.build(config, devices=jax.devices()[:k])
     state = h.restore(setup, runs["reference"].workdir)
     leaves = jax.tree.leaves(state["params"])
     assert all(len(x.sharding.device_set) == k for x in leaves)
     if k == 8:  # the saved layout really is sharded, so the restore reshards
       assert any(not x.sharding.is_fully_replicated for x in leaves)
-    fn = jax.jit(lambda p, b, r, s=setup: s.family.eval_terms(trainer.model_with(s, p), b, r,
+    fn = jax.jit(lambda p, b, r, s=setup: s.family.eval_terms(setup_lib.model_with(s, p), b, r,
                                                                 config))
     params[k] = h.host(state["params"])
-    terms[k] = h.host(fn(state["params"], trainer.put_batch(setup, batch), rng))
+    terms[k] = h.host(fn(state["params"], setup_lib.put_batch(setup, batch), rng))
   # The restored parameters are bit-identical on every mesh. The terms agree to float32
   # rounding: the recon term -log p(x | z_0) is a log-softmax over logits
   # -(z_0 - alpha_0 x_k)^2 / (2 sigma_0^2) with sigma_0^2 = sigmoid(-7.9) ~ 4e-4, so one

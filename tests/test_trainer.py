@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from launch import setup as setup_lib
 from launch import config_flags, families, trainer
 from launch.data import pipeline
 
@@ -16,13 +17,13 @@ def _config(*overrides):
 
 
 def _one_step(config, devices):
-  setup = trainer.build(config, devices)
+  setup = setup_lib.build(config, devices)
   state = setup.init()
   loader = pipeline.make_loader(setup.source, global_batch_size=config.train.batch_size,
                                 seed=config.seed)
   batch = next(iter(loader))
-  compiled, _ = trainer._compile_step(setup, families.device_batch(batch, ("image", "label")))
-  new_state, metrics = compiled(state, trainer.put_batch(setup, batch))
+  compiled, _ = trainer.compile_step(setup, families.device_batch(batch, ("image", "label")))
+  new_state, metrics = compiled(state, setup_lib.put_batch(setup, batch))
   return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
 

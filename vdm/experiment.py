@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm import guidance, losses, ode_likelihood, process, samplers, schedules
+from vdm.model import DiffusionModel
 from vdm.nets.score_unet import ScoreUNet
 from vdm.nets.unet import UNet
 
@@ -34,46 +35,14 @@ def settings_for_levels(num_levels: int) -> dict:
           "fourier_min": n_max - 1, "fourier_max": n_max}
 
 
-def schedule_from_config(cfg, rngs: nnx.Rngs) -> nnx.Module:
-  """One schedule config for every kind: endpoints always given as logsnr_min / logsnr_max."""
-  lo, hi = cfg.logsnr_min, cfg.logsnr_max
-  gammas = {"gamma_min": -hi, "gamma_max": -lo}
-  name = cfg.name
-  if name == "linear":
-    return schedules.LinearGamma(**gammas)
-  if name == "learned_scalar":
-    return schedules.LearnedScalar(**gammas, pin_endpoints=cfg.pin_endpoints)
-  if name == "learned_net":
-    return schedules.LearnedMonotoneNet(**gammas, n_features=cfg.n_features,
-                                        pin_endpoints=cfg.pin_endpoints, rngs=rngs)
-  if name == "cosine":
-    return schedules.CosineLogSNR(lo, hi)
-  if name == "shifted_cosine":
-    return schedules.ShiftedCosine(cfg.resolution, cfg.base, lo, hi)
-  if name == "interpolated_cosine":
-    return schedules.InterpolatedShiftedCosine(cfg.resolution, cfg.resolution_at_data,
-                                               cfg.base, lo, hi)
-  raise ValueError(f"unknown schedule {name!r}; choose one of {schedules.SCHEDULES}")
+class VDM(DiffusionModel):
+  """The VDM model; class-conditional when config.model.num_classes (labels in the batch)."""
 
+  def data_and_cond(self, batch, rng, cfg):
+    del rng
+    return losses.int_to_x(batch["image"], self.num_levels), _cond(batch, cfg)
 
-class VDM(nnx.Module):
-  """A denoising network, the parameterization of its output, and a noise schedule."""
-
-  def __init__(self, net: nnx.Module, schedule: nnx.Module, parameterization: str,
-               num_levels: int, image_shape: tuple):
-    if parameterization not in process.PARAMETERIZATIONS:
-      raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
-                       f"{process.PARAMETERIZATIONS}")
-    self.net, self.schedule = net, schedule
-    self.parameterization = parameterization
-    self.num_levels, self.image_shape = num_levels, tuple(image_shape)
-
-  def denoise(self, z, logsnr, cond=None, *, dropout_key=None) -> process.Prediction:
-    out = self.net(z, logsnr, cond, dropout_key=dropout_key)
-    return process.predict(z, logsnr, out, self.parameterization)
-
-  def logsnr(self, t):
-    return self.schedule(t)
+  drop_conditioning = staticmethod(guidance.drop_label)
 
 
 def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.float32) -> VDM:
@@ -95,7 +64,7 @@ def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.flo
                num_classes=num_classes, **distill, dtype=dtype, rngs=rngs)
   else:
     raise ValueError(f"unknown net {cfg.net!r}; choose 'score_unet' or 'unet'")
-  return VDM(net, schedule_from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,
+  return VDM(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,
              image_shape)
 
 

@@ -43,7 +43,10 @@ def drop_for_training(cond: dict, rng, p_uncond: float,
 
 def guided(denoise_fn: Callable, w, drop: Callable[[dict, jax.Array], dict]) -> Callable:
   """Wraps denoise_fn(z, logsnr, cond) -> Prediction into its guided version with weight w
-  (a scalar or [B] array). Both branches run as one batch of 2B."""
+  (a scalar or [B] array). Both branches run as one batch of 2B. A w that is the Python
+  number 0 (the SR stages' default) is the plain conditional model: one pass, no 2B batch."""
+  if isinstance(w, (int, float)) and w == 0:
+    return denoise_fn
 
   def guided_fn(z, logsnr, cond):
     batch = z.shape[0]

@@ -7,7 +7,7 @@ Interfaces (shared with guidance, distillation and the cascade):
   t=1 noise), finite on the whole interval. It is called with t of shape [B]. Learned
   schedules are passed as closures over their parameters.
 - `clip_x(x_hat) -> x_hat`: a post-processing hook on x-hat (`no_clip`, `static_clip(lo, hi)`,
-  later dynamic thresholding). eps-hat and v-hat are then recomputed from the clipped x-hat and
+  `dynamic_threshold(p)`; `clip_hook(name)` picks one by config name). eps-hat and v-hat are then recomputed from the clipped x-hat and
   z_t (`process.from_x`), so every step sees a self-consistent prediction.
 
 Notation (shared/DESIGN.md): z_t = alpha_t x + sigma_t eps, alpha^2 = sigmoid(logsnr),
@@ -47,6 +47,36 @@ def static_clip(lo: float = -1.0, hi: float = 1.0) -> Callable[[jax.Array], jax.
     return jnp.clip(x_hat, lo, hi)
 
   return clip
+
+
+def dynamic_threshold(percentile: float = 99.5) -> Callable[[jax.Array], jax.Array]:
+  """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s = the p-th percentile
+  of |x-hat| over each sample's pixels; if s > 1, x-hat is clipped to [-s, s] and divided by
+  s, pulling saturated pixels inwards instead of flattening them at +-1."""
+  if not 0.0 < percentile <= 100.0:
+    raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+
+  def threshold(x_hat):
+    flat = jnp.abs(x_hat.reshape(x_hat.shape[0], -1))
+    s = jnp.percentile(flat, percentile, axis=-1)
+    s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x_hat.ndim - 1))   # s < 1: no rescaling
+    return jnp.clip(x_hat, -s, s) / s
+
+  return threshold
+
+
+CLIP_HOOKS = ("dynamic", "static", "none")
+
+
+def clip_hook(name: str, percentile: float = 99.5) -> Callable[[jax.Array], jax.Array]:
+  """The x-hat hook by config name: dynamic thresholding, static [-1, 1], or none."""
+  if name == "dynamic":
+    return dynamic_threshold(percentile)
+  if name == "static":
+    return static_clip()
+  if name == "none":
+    return no_clip
+  raise ValueError(f"unknown x-hat clipping {name!r}; choose one of {CLIP_HOOKS}")
 
 
 def clip_prediction(pred: process.Prediction, z, logsnr, clip_x=no_clip) -> process.Prediction:

@@ -68,10 +68,13 @@ class CosineLogSNR(nnx.Module):
 
   def __call__(self, t):
     u_min, u_max = _cosine_angle_range(self.logsnr_min, self.logsnr_max)
-    # -2 log tan(u) = 2 log tan(pi/2 - u): near the noise end use the complementary angle,
-    # which float32 resolves where u itself (close to pi/2) would not.
-    u = u_min + t * (u_max - u_min)
-    w = (math.pi / 2 - u_min) - t * (u_max - u_min)
+    # -2 log tan(u) = 2 log tan(pi/2 - u): near the noise end use the complementary angle
+    # w = pi/2 - u, which float32 resolves where u itself (close to pi/2) would not. w is
+    # built from its own small endpoint (exact in float64) and 1 - t (exact in float32 for
+    # t >= 1/2), never as a difference of two numbers near pi/2.
+    span = u_max - u_min
+    u = u_min + t * span
+    w = math.atan(math.exp(0.5 * self.logsnr_min)) + (1.0 - t) * span   # pi/2 - u_max + ...
     logsnr = jnp.where(u < math.pi / 4, -2.0 * jnp.log(jnp.tan(u)), 2.0 * jnp.log(jnp.tan(w)))
     return logsnr + self.shift(t)
 
@@ -168,7 +171,8 @@ class LearnedMonotoneNet(nnx.Module):
     gamma(t) = l1(t) + l3(phi(l2(l1(t)))) / n_features,  phi = 2 (sigmoid - 1/2),
 
   where all weights are positive, so gamma is increasing in t. l1 starts as the linear
-  schedule between the config endpoints, so training begins from VDM's fixed schedule. The
+  schedule between the config endpoints and l2, l3 start small (std 0.01, zero bias, as in
+  google-research/vdm), so training begins from VDM's fixed linear schedule. The
   inner branch sees t rescaled to [-1, 1], as in the reference code.
   """
 
@@ -179,8 +183,11 @@ class LearnedMonotoneNet(nnx.Module):
     const = lambda v: (lambda key, shape: jnp.full(shape, v, jnp.float32))
     self.l1 = _MonotoneDense(1, 1, kernel_init=const(gamma_max - gamma_min),
                              bias_init=const(gamma_min), rngs=rngs)
-    normal = nnx.initializers.normal(1.0)
-    self.l2 = _MonotoneDense(1, n_features, kernel_init=normal, bias_init=normal, rngs=rngs)
+    # As the reference code: inner kernels ~ N(0, 0.01^2), zero bias, so the nonlinear branch
+    # starts near zero and gamma starts as the linear schedule (within ~1e-4 of its ends).
+    normal = nnx.initializers.normal(0.01)
+    zeros = lambda key, shape: jnp.zeros(shape, jnp.float32)
+    self.l2 = _MonotoneDense(1, n_features, kernel_init=normal, bias_init=zeros, rngs=rngs)
     self.l3 = _MonotoneDense(n_features, 1, kernel_init=normal, rngs=rngs)
 
   def gamma(self, t):
@@ -199,18 +206,24 @@ SCHEDULES = ("linear", "cosine", "shifted_cosine", "interpolated_cosine", "learn
              "learned_net")
 
 
-def make_schedule(name: str, *, rngs: nnx.Rngs | None = None, **kwargs) -> nnx.Module:
-  """Builds a schedule from its config name and keyword arguments."""
+def from_config(cfg, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """The one schedule factory: `cfg` is config.model.schedule (name, logsnr_min, logsnr_max
+  and the kind's own keys). Endpoints are always given in logsnr; VDM's gamma-parameterized
+  schedules get gamma_min = -logsnr_max, gamma_max = -logsnr_min."""
+  lo, hi = cfg.logsnr_min, cfg.logsnr_max
+  gammas = {"gamma_min": -hi, "gamma_max": -lo}
+  name = cfg.name
   if name == "linear":
-    return LinearGamma(**kwargs)
-  if name == "cosine":
-    return CosineLogSNR(**kwargs)
-  if name == "shifted_cosine":
-    return ShiftedCosine(**kwargs)
-  if name == "interpolated_cosine":
-    return InterpolatedShiftedCosine(**kwargs)
+    return LinearGamma(**gammas)
   if name == "learned_scalar":
-    return LearnedScalar(**kwargs)
+    return LearnedScalar(**gammas, pin_endpoints=cfg.pin_endpoints)
   if name == "learned_net":
-    return LearnedMonotoneNet(**kwargs, rngs=rngs or nnx.Rngs(0))
+    return LearnedMonotoneNet(**gammas, n_features=cfg.n_features,
+                              pin_endpoints=cfg.pin_endpoints, rngs=rngs or nnx.Rngs(0))
+  if name == "cosine":
+    return CosineLogSNR(lo, hi)
+  if name == "shifted_cosine":
+    return ShiftedCosine(cfg.resolution, cfg.base, lo, hi)
+  if name == "interpolated_cosine":
+    return InterpolatedShiftedCosine(cfg.resolution, cfg.resolution_at_data, cfg.base, lo, hi)
   raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")

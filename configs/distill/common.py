@@ -17,7 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
       train_steps=50_000,       # updates per halving
       guided_train_steps=50_000,  # updates of the guided stage one
       weighting="truncated_snr",  # max(SNR, 1) ||x - x_hat||^2; or snr_plus_one
-      clip="static",            # the x-hat hook of teacher targets and sampling
+      clip="static",            # the x-hat hook of the students' sampling
+      target_clip="none",       # ... and of the teacher's targets: none, as in Algorithm 2
+      allow_eps_teacher=False,  # eps-teachers distil badly below 8 steps (paper sec. 4)
       sampler="ddim",           # students' N-step sampler: ddim or stochastic
       w_min=0.0, w_max=4.0,     # guidance weights drawn for w-conditioned students
       sample_w=1.0,             # the guidance weight samples and summaries use

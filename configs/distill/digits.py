@@ -1,9 +1,11 @@
-r"""Progressive distillation of the README's digits model (configs/vdm/digits.py): from its
-64-step DDIM sampler down to 1 step, 6 halvings, minutes each on 2 CPU cores.
+r"""Progressive distillation of the digits model in the v-parameterization
+(configs/distill/digits_teacher.py): from its 64-step DDIM sampler down to 1 step, 6
+halvings, minutes each on 2 CPU cores. Targets come from the unclipped teacher (Algorithm 2
+of Salimans & Ho; --config.distill.target_clip=static for the clipped variant).
 
-  python -m launch.train --config configs/vdm/digits.py --workdir runs/digits   # the teacher
-  python -m launch.distill --teacher runs/digits --config configs/distill/digits.py \
-      --workdir runs/digits_distill
+  python -m launch.train --config configs/distill/digits_teacher.py --workdir runs/digits_v
+  python -m launch.distill --teacher runs/digits_v --config configs/distill/digits.py \
+      --workdir runs/digits_v_distill
   python -m launch.distill --teacher /tmp/smoke --config configs/distill/digits.py:runlocal \
       --workdir /tmp/smoke_distill
 """

@@ -1,0 +1,58 @@
+"""What a model family hands the trainer: what to build, what to minimise, how to sample.
+
+The trainer (`launch/trainer.py`) is written once; each family is one `Family` value in its
+own module of this package, and `launch.families.get_family(name)` is the registry. A
+family's math lives in its package's `experiment.py` (vdm/, imagen/, distill/); its module
+here only wires that to the trainer.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """build_model(config, source, rngs) -> nnx.Module
+  loss_and_grads(graphdef, params, batch, rng, config[, frozen]) -> (loss, metrics, grads)
+  sample(model, rng, batch, config[, frozen], *, num_steps) -> int images [B, H, W, C], one
+    per example of `batch` (eval examples that carry the conditioning: labels, text)
+  eval_terms(model, batch, rng, config) -> {"recon", "prior", "diffusion"} nats per example;
+    None when the family has no likelihood (then training evaluates by samples)
+  ode_terms(model, batch, rng, config, **options) -> {"ode"}: nats per example (or None)
+  get_source(config, split) -> the split's source, when the family reads other data than
+    `pipeline.get_source` gives (Imagen: images with captions)
+  wrap_source(config, source, split, workdir) -> source, e.g. adding cached text embeddings
+  frozen_init(config, load_ema_model) -> an untrained or restored nnx module (T5, a
+    distillation teacher) or None; `load_ema_model(workdir, step)` restores a trained
+    workdir's EMA model. When given, the trainer passes the module, sharded, as one more
+    argument to loss_and_grads and sample
+  default_config(saved_config) -> the family's config with every key at its default, used
+    to complete configs saved before a key existed
+  batch_keys: which loader fields go to the device."""
+  build_model: Callable
+  loss_and_grads: Callable
+  sample: Callable
+  eval_terms: Callable | None = None
+  ode_terms: Callable | None = None
+  get_source: Callable | None = None
+  wrap_source: Callable | None = None
+  frozen_init: Callable | None = None
+  default_config: Callable | None = None
+  batch_keys: tuple = ("image", "label")
+
+
+def compute_dtype(config):
+  """config.train.compute_dtype as a jnp dtype (parameters stay float32)."""
+  names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if config.train.compute_dtype not in names:
+    raise ValueError(f"unknown train.compute_dtype {config.train.compute_dtype!r}; choose one "
+                     f"of {sorted(names)}")
+  return names[config.train.compute_dtype]
+
+
+def device_batch(batch: dict, keys) -> dict:
+  """The numeric fields a family uses (strings such as captions stay on the host)."""
+  return {k: np.asarray(batch[k]) for k in keys if k in batch}

@@ -1,0 +1,135 @@
+"""Working with a trained workdir: rebuild its setup from the saved config and restore its
+state, load its EMA model (a distillation teacher, a cascade stage), evaluate bits/dim and
+draw samples. The trainer uses the same evaluation and sampling during training; the entry
+points (evaluate, sample, distill, the cascade) use them on finished runs.
+"""
+
+import math
+import os
+
+import logging
+import jax
+import numpy as np
+from flax import nnx
+
+from launch import checkpoint as checkpoint_lib
+from launch import config_flags, distributed, families, images, mesh as mesh_lib
+from launch import setup as setup_lib
+from launch.data import pipeline
+from vdm import likelihood
+
+
+def evaluate_bpd(setup: setup_lib.Setup, params, *, split: str, rng, method: str = "vlb",
+                 **ode_options) -> dict:
+  """Full-pass bits/dim of a split with the given (usually EMA) params, from the VLB or (method
+  "ode") the probability-flow ODE with options num_steps and hutchinson."""
+  config = setup.config
+  source = setup_lib.data_source(config, split, setup.workdir)
+  if config.eval.max_examples:
+    source = FirstExamples(source, config.eval.max_examples)
+  if method == "vlb" and setup.family.eval_terms is not None:
+    per_example, term_names = setup.family.eval_terms, likelihood.TERMS
+  elif method == "ode" and setup.family.ode_terms is not None:
+    per_example = lambda m, b, r, c: setup.family.ode_terms(m, b, r, c, **ode_options)
+    term_names = ("ode",)
+  else:
+    raise ValueError(f"unknown likelihood method {method!r} for family {config.family!r}")
+
+  def terms_and_mask(p, b, r):
+    terms = per_example(setup_lib.model_with(setup, p), b, r, config)
+    return dict(terms, mask=b["mask"])   # the global mask, as the terms cover every process
+  # Replicated outputs, so that every process can read all examples' terms. Compiled once
+  # per setup and method (periodic evaluations reuse it).
+  terms = setup_lib.cached_jit(setup, ("eval", method, tuple(sorted(ode_options.items()))),
+                      terms_and_mask, out_shardings=mesh_lib.replicated(setup.mesh))
+  batches = pipeline.epoch_iterator(source, global_batch_size=config.eval.batch_size)
+  num_dims = math.prod(source.image_shape)
+  return likelihood.vlb_bits_per_dim(
+      lambda b, r: terms(params, setup_lib.put_batch(setup, b), r), batches, rng,
+      num_time_samples=config.eval.num_time_samples, num_dims=num_dims, terms=term_names)
+
+
+def load_workdir(workdir: str, step: int | None = None, overrides: dict | None = None,
+                 devices=None, with_frozen: bool = True):
+  """(setup, state, checkpointer) of a trained workdir, rebuilt from the config saved beside
+  its checkpoint (on a mesh of `devices`, default all); `overrides` ({"eval.sampler":
+  "ancestral", ...}) change that config first."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
+                            f"first with: python -m launch.train --config ... --workdir {workdir}")
+  config = ckpt.restore_config(step).unlock()
+  family = families.get_family(config.family)
+  if family.default_config is not None:
+    added = config_flags.fill_missing(config, family.default_config(config))
+    if added:
+      logging.info("Config saved in %s predates %s; using their defaults.", workdir, added)
+  for key, value in (overrides or {}).items():
+    if value is not None:
+      *parents, leaf = key.split(".")
+      node = config
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  frozen = frozen_module(config) if with_frozen else None
+  setup = setup_lib.build(config, devices, workdir=workdir, frozen_module=frozen)
+  state, _ = ckpt.restore(setup.abstract_state, step)
+  return setup, state, ckpt
+
+
+def load_ema_model(workdir: str, step: int | None = None):
+  """(the EMA model of a trained workdir, its config): a distillation teacher, a cascade
+  stage. A distillation workdir's own teacher is not loaded (no chain of loads)."""
+  setup, state, ckpt = load_workdir(workdir, step, with_frozen=False)
+  ckpt.close()
+  return nnx.merge(setup.graphdef, state["ema"]), setup.config
+
+
+def frozen_module(config):
+  """The config's family's frozen module (T5 for in-step text, a distillation teacher)."""
+  family = families.get_family(config.family)
+  return family.frozen_init(config, load_ema_model) if family.frozen_init else None
+
+
+class FirstExamples:
+  """The first n examples of a source (quick evaluations: eval.max_examples; small splits)."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, min(n, len(source))
+    self.num_levels, self.num_classes = source.num_levels, source.num_classes
+    self.image_shape = source.image_shape
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+  def __repr__(self):   # grain checks a source's repr when restoring an iterator
+    return f"FirstExamples({self.source!r}, {self.n})"
+
+
+def sample_images(setup: setup_lib.Setup, params, rng, *, num: int, num_steps: int) -> np.ndarray:
+  """`num` samples as integer levels, gathered on every process. Conditional families take
+  their conditioning (labels, captions) from the first `num` examples of the eval split."""
+  config = setup.config
+  source = setup_lib.data_source(config, config.data.eval_split, setup.workdir)
+  examples = [source[i] for i in range(min(num, len(source)))]
+  keys = [k for k in setup.family.batch_keys if k in examples[0]]
+  host = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+  if "image" in host:
+    host["image"] = host["image"].astype(np.int32)
+  replicated = mesh_lib.replicated(setup.mesh)
+  batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
+  fn = setup_lib.cached_jit(setup, ("sample", num_steps),
+                   lambda p, b, r, *f: setup.family.sample(
+                       setup_lib.model_with(setup, p), r, b, config, *setup_lib.frozen_modules(setup, *f),
+                       num_steps=num_steps),
+                   out_shardings=replicated)
+  return np.asarray(jax.device_get(fn(params, batch, rng, *setup_lib.frozen_args(setup))))
+
+
+def write_samples(setup: setup_lib.Setup, samples, path: str):
+  if distributed.is_main_process():
+    images.write_grid(path, samples, setup.source.num_levels)
+    logging.info("Wrote %s", path)
