@@ -42,7 +42,8 @@ def compile_step(setup: setup_lib.Setup, example_batch: dict):
   abstract_batch = {k: jax.ShapeDtypeStruct(global_shape(v), np.asarray(v).dtype, sharding=s)
                     for (k, v), s in zip(example_batch.items(), b_sh.values())}
   start = time.perf_counter()
-  compiled = jitted.lower(setup.abstract_state, abstract_batch, *setup_lib.frozen_args(setup)).compile()
+  frozen = setup_lib.frozen_args(setup)
+  compiled = jitted.lower(setup.abstract_state, abstract_batch, *frozen).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   mem = ""
@@ -93,6 +94,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # ------------------------------------------------------------------------------ loop
   progress = metric_writer.Progress(start_step, cfg.num_steps, cfg.batch_size)
+  frozen = setup_lib.frozen_args(setup)
   eval_rng = jax.random.key(config.seed + 1)
   last_eval, pending = {}, None
   step = start_step
@@ -100,14 +102,15 @@ def train(config, workdir: str, devices=None) -> dict:
     while step < cfg.num_steps:
       batch = first if first is not None else next(data_iter)
       first = None
-      state, metrics = compiled(state, setup_lib.put_batch(setup, batch), *setup_lib.frozen_args(setup))
+      state, metrics = compiled(state, setup_lib.put_batch(setup, batch), *frozen)
       step += 1
       # Check the previous step's metrics after dispatching this one (keeps the device busy).
       if pending is not None and cfg.nan_policy == "error" and pending[1]["nonfinite"] > 0:
         raise _nonfinite_error(pending[0], pending[1], ckpt)
       pending = (step, metrics)
       boundary = lambda every: every and (step % every == 0 or step == cfg.num_steps)
-      if boundary(cfg.log_every) or boundary(cfg.checkpoint_every) or ckpt.preemption_requested(step):
+      if (boundary(cfg.log_every) or boundary(cfg.checkpoint_every)
+          or ckpt.preemption_requested(step)):
         metrics = jax.device_get(metrics)
         pending = (step, metrics)
         if cfg.nan_policy == "error" and metrics["nonfinite"] > 0:
@@ -120,16 +123,19 @@ def train(config, workdir: str, devices=None) -> dict:
           logging.info(progress.line(step, shown))
       if boundary(cfg.eval_every) and setup.family.eval_terms is not None:
         last_eval = workdir_lib.evaluate_bpd(setup, state["ema"], split=config.data.eval_split,
-                                 rng=jax.random.fold_in(eval_rng, step))
+                                             rng=jax.random.fold_in(eval_rng, step))
         writer.write(step, last_eval, prefix="eval/")
         logging.info("Eval at step %d: %.4f +- %.4f bits/dim (recon %.4f, prior %.4f, "
                      "diffusion %.4f) over %d examples", step, last_eval["bpd"],
                      last_eval["bpd_stderr"], last_eval["bpd_recon"], last_eval["bpd_prior"],
                      last_eval["bpd_diffusion"], last_eval["num_examples"])
       if boundary(cfg.sample_every):
-        samples = workdir_lib.sample_images(setup, state["ema"], jax.random.fold_in(jax.random.fold_in(eval_rng, step), 1),
-                                num=config.eval.num_samples, num_steps=config.eval.sample_steps)
-        workdir_lib.write_samples(setup, samples, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+        sample_rng = jax.random.fold_in(jax.random.fold_in(eval_rng, step), 1)
+        samples = workdir_lib.sample_images(setup, state["ema"], sample_rng,
+                                            num=config.eval.num_samples,
+                                            num_steps=config.eval.sample_steps)
+        workdir_lib.write_samples(setup, samples,
+                                  os.path.join(workdir, "samples", f"step_{step:08d}.png"))
       ckpt.save(step, state, data_state=data_iter, config=config,
                 force=step == cfg.num_steps)
       if ckpt.preemption_requested(step):

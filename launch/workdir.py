@@ -4,10 +4,10 @@ draw samples. The trainer uses the same evaluation and sampling during training;
 points (evaluate, sample, distill, the cascade) use them on finished runs.
 """
 
+import logging
 import math
 import os
 
-import logging
 import jax
 import numpy as np
 from flax import nnx
@@ -109,7 +109,8 @@ class FirstExamples:
     return f"FirstExamples({self.source!r}, {self.n})"
 
 
-def sample_images(setup: setup_lib.Setup, params, rng, *, num: int, num_steps: int) -> np.ndarray:
+def sample_images(setup: setup_lib.Setup, params, rng, *, num: int,
+                  num_steps: int) -> np.ndarray:
   """`num` samples as integer levels, gathered on every process. Conditional families take
   their conditioning (labels, captions) from the first `num` examples of the eval split."""
   config = setup.config
@@ -123,7 +124,8 @@ def sample_images(setup: setup_lib.Setup, params, rng, *, num: int, num_steps: i
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
   fn = setup_lib.cached_jit(setup, ("sample", num_steps),
                    lambda p, b, r, *f: setup.family.sample(
-                       setup_lib.model_with(setup, p), r, b, config, *setup_lib.frozen_modules(setup, *f),
+                       setup_lib.model_with(setup, p), r, b, config,
+                       *setup_lib.frozen_modules(setup, *f),
                        num_steps=num_steps),
                    out_shardings=replicated)
   return np.asarray(jax.device_get(fn(params, batch, rng, *setup_lib.frozen_args(setup))))

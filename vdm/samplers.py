@@ -7,8 +7,8 @@ Interfaces (shared with guidance, distillation and the cascade):
   t=1 noise), finite on the whole interval. It is called with t of shape [B]. Learned
   schedules are passed as closures over their parameters.
 - `clip_x(x_hat) -> x_hat`: a post-processing hook on x-hat (`no_clip`, `static_clip(lo, hi)`,
-  `dynamic_threshold(p)`; `clip_hook(name)` picks one by config name). eps-hat and v-hat are then recomputed from the clipped x-hat and
-  z_t (`process.from_x`), so every step sees a self-consistent prediction.
+  `dynamic_threshold(p)`; `clip_hook(name)` picks one by config name). eps-hat and v-hat are
+  then recomputed from the clipped x-hat and z_t (`process.from_x`), so every step sees a self-consistent prediction.
 
 Notation (shared/DESIGN.md): z_t = alpha_t x + sigma_t eps, alpha^2 = sigmoid(logsnr),
 sigma^2 = sigmoid(-logsnr). A step goes from time t to an earlier time s < t
