@@ -43,12 +43,11 @@ def _trainer_api():
   """(build, compile_step, device_batch) of this checkout or of one before the
   launch/setup.py split (where both lived in launch/trainer.py)."""
   from launch import families, trainer  # pylint: disable=g-import-not-at-top
-  try:
+  if hasattr(trainer, "compile_step"):
     from launch import setup as setup_lib  # pylint: disable=g-import-not-at-top
     return setup_lib.build, trainer.compile_step, families.device_batch
-  except ImportError:
-    return (trainer.build, trainer._compile_step,  # pylint: disable=protected-access
-            families.device_batch)
+  return (trainer.build, trainer._compile_step,  # pylint: disable=protected-access
+          families.device_batch)
 
 
 def measure(config_path: str, depth: int, batch_size: int, overrides) -> dict:

@@ -138,7 +138,7 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weigh
   accuracy for conditional models. Other data: FID against the first `num` images of the
   eval split when `fid_weights` (evaluation/inception.py's Inception file) is given, else {}."""
   samples = workdir_lib.sample_images(setup, params, jax.random.key(seed), num=num,
-                                  num_steps=num_steps)
+                                      num_steps=num_steps)
   config = setup.config
   levels = setup.source.num_levels
   if config.data.name != "digits":
