@@ -49,18 +49,23 @@ def data_source(config, split, workdir=None):
   return family.wrap_source(config, source, split, workdir) if family.wrap_source else source
 
 
-def build(config, devices=None, workdir=None, frozen_module=None) -> Setup:
+def build(config, devices=None, workdir=None, frozen_module=None, source=None) -> Setup:
   """Mesh, data source, model definition and the abstract, sharded train state.
 
-  devices: the devices of the mesh (default: all); tests pass a subset to compare meshes.
+  devices: the devices of the mesh (default: all); tests pass a subset to compare meshes,
+    `launch.aot` the devices of a TPU topology description.
   workdir: where a family may keep derived data (Imagen's text-embedding cache).
   frozen_module: the family's frozen module (T5, a distillation teacher; see
-    `launch.workdir.frozen_module`), sharded here by the config's rules, or None."""
+    `launch.workdir.frozen_module`), sharded here by the config's rules, or None. An
+    abstract module (`nnx.eval_shape`) stays abstract: its state gets shardings, no values.
+  source: the training split's source (default: `data_source` of config.data.train_split);
+    only its metadata (levels, image shape, classes) shapes the model."""
   distributed.initialize()
   _check_config(config)
   family = families.get_family(config.family)
   mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
-  source = data_source(config, config.data.train_split, workdir)
+  if source is None:
+    source = data_source(config, config.data.train_split, workdir)
   tx = train_state.make_optimizer(config.optim, config.train.num_steps)
 
   def init():
@@ -82,11 +87,18 @@ def build(config, devices=None, workdir=None, frozen_module=None) -> Setup:
     # A frozen module (e.g. the T5 encoder) goes into the step as a sharded argument.
     f_graphdef, f_state = nnx.split(frozen_module)
     f_shardings = mesh_lib.param_shardings(f_state, mesh, config.mesh.rules)
-    frozen = (f_graphdef, jax.device_put(f_state, f_shardings), f_shardings)
+    frozen = (f_graphdef, jax.tree.map(_place, f_state, f_shardings), f_shardings)
   setup = Setup(config, family, mesh, source, graphdef, tx, abstract, shardings, workdir,
                 frozen)
   setup.init = jax.jit(init, out_shardings=shardings)
   return setup
+
+
+def _place(value, sharding):
+  """A frozen array onto its shards; an abstract one (ShapeDtypeStruct) just gets them."""
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+  return jax.device_put(value, sharding)
 
 
 def batch_shardings(setup: Setup, batch: dict):

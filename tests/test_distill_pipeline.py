@@ -14,7 +14,7 @@ from configs.distill import digits as distill_digits
 from configs.distill import digits_teacher
 from distill import experiment
 from launch import checkpoint as checkpoint_lib
-from launch import distill, families, trainer
+from launch import distill_pipeline, families, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 
@@ -22,7 +22,7 @@ from launch import workdir as workdir_lib
 def _plan(start, end, guided=False):
   d = distill_digits.get_config().distill
   d.update(dict(start_steps=start, end_steps=end, guided=guided))
-  return [(s["dir"], s["kind"], s["steps"]) for s in distill.plan(d)]
+  return [(s["dir"], s["kind"], s["steps"]) for s in distill_pipeline.plan(d)]
 
 
 def test_plan_halves_the_steps_stage_by_stage():
@@ -40,10 +40,10 @@ def test_missing_fid_weights_fail_before_any_training(tmp_path):
   dcfg = distill_digits.get_config("runlocal")
   dcfg.distill.fid_weights = str(tmp_path / "inception_fid.safetensors")
   with pytest.raises(FileNotFoundError, match="inception_fid.safetensors"):
-    distill.run_pipeline(dcfg, str(tmp_path / "no_teacher"), str(tmp_path / "out"))
+    distill_pipeline.run_pipeline(dcfg, str(tmp_path / "no_teacher"), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
   with pytest.raises(FileNotFoundError, match="train the teacher first"):
-    distill.run_pipeline(distill_digits.get_config("runlocal"), str(tmp_path / "no_teacher"),
+    distill_pipeline.run_pipeline(distill_digits.get_config("runlocal"), str(tmp_path / "no_teacher"),
                          str(tmp_path / "out"))
 
 
@@ -81,7 +81,7 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
 
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", crashing_save)
   with pytest.raises(KeyboardInterrupt):
-    distill.run_pipeline(dcfg, teacher, workdir, devices)
+    distill_pipeline.run_pipeline(dcfg, teacher, workdir, devices)
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", original_save)
   stage0, stage1 = os.path.join(workdir, "stage00_n2"), os.path.join(workdir, "stage01_n1")
   assert os.path.exists(os.path.join(stage0, "summary.json"))
@@ -90,7 +90,7 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
     summary0 = json.load(f)
 
   # 2. the same command again: stage00 is skipped, stage01 continues from step 4
-  rows = distill.run_pipeline(dcfg, teacher, workdir, devices)
+  rows = distill_pipeline.run_pipeline(dcfg, teacher, workdir, devices)
   assert [r["stage"] for r in rows] == ["stage00_n2", "stage01_n1"]
   assert rows[0] == summary0
   assert [r["student_steps"] for r in rows] == [2, 1] and all(r["train_steps"] == 6 for r in rows)
@@ -141,10 +141,10 @@ def test_bad_teachers_are_clear_errors(teacher, tmp_path):
   dcfg = distill_digits.get_config("runlocal")
   dcfg.distill.guided = True      # the runlocal teacher is unconditional
   with pytest.raises(ValueError, match="guided distillation needs a conditional teacher"):
-    distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
+    distill_pipeline.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
   dcfg.distill.update(dict(guided=False, start_steps=6))
   with pytest.raises(ValueError, match="power of two"):
-    distill.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
+    distill_pipeline.run_pipeline(dcfg, teacher, str(tmp_path / "out"), jax.devices()[:1])
 
 
 def test_an_eps_teacher_is_refused_below_8_steps_before_any_training(teacher, tmp_path):
@@ -161,11 +161,11 @@ def test_an_eps_teacher_is_refused_below_8_steps_before_any_training(teacher, tm
   dcfg = distill_digits.get_config("runlocal")          # 4 -> 2 -> 1 steps
   out = tmp_path / "out"
   with pytest.raises(ValueError, match="predicts eps.*parameterization=v"):
-    distill.run_pipeline(dcfg, eps_teacher, str(out), jax.devices()[:1])
+    distill_pipeline.run_pipeline(dcfg, eps_teacher, str(out), jax.devices()[:1])
   assert not out.exists() or not any(out.iterdir())
   dcfg.distill.update(dict(start_steps=64, end_steps=8))   # 32, 16, 8: allowed
-  assert [s["steps"] for s in distill.plan(dcfg.distill)] == [32, 16, 8]
-  for stage in distill.plan(dcfg.distill):
+  assert [s["steps"] for s in distill_pipeline.plan(dcfg.distill)] == [32, 16, 8]
+  for stage in distill_pipeline.plan(dcfg.distill):
     experiment.check_settings(stage["kind"], stage["steps"], "eps")
   experiment.check_settings("progressive", 1, "eps", allow_eps_teacher=True)
 
