@@ -3,7 +3,7 @@ r"""Times the trainer's train step, its input pipeline and a bits/dim pass (run 
   python bench/bench_train.py                                   # cifar10 config, all devices
   python bench/bench_train.py --config configs/vdm/cifar10.py:runlocal --batch_size 128 \
       --fake_devices 8 --devices 8                              # 8 fake CPU devices
-  python bench/bench_train.py --override model.score_unet.n_layer=8 --peak_tflops 989
+  python bench/bench_train.py --override model.score_unet.n_layer=8 --peak_tflops 989.5
 
 Everything goes through the trainer's own functions (`setup_lib.build`, `trainer.compile_step`,
 `setup_lib.put_batch`, `workdir_lib.evaluate_bpd`, `pipeline.make_loader`), so the numbers are
@@ -13,8 +13,9 @@ no dataset needed). Sections, each printed as it finishes, then one JSON line of
   compile   seconds of `.lower().compile()` of the donated, sharded train step; XLA's memory
             analysis of it (argument + temp bytes per device) and its FLOP count per device.
   step      steady state: the same device batch, `--warmup` steps, then `--steps` steps each
-            ended by block_until_ready: ms/step, images/s, achieved TFLOP/s and, with
-            --peak_tflops, model FLOPs utilization (MFU).
+            ended by block_until_ready: ms/step, images/s, achieved TFLOP/s and model FLOPs
+            utilization (MFU) against --peak_tflops, by default the peak of the device kind
+            for train.compute_dtype from launch/flops.py (no MFU for kinds not in the table).
   input     the trainer's loop (next(loader) -> put_batch -> step, dispatched asynchronously,
             blocked once at the end): the share of wall time spent in next() + put_batch.
   eval      workdir_lib.evaluate_bpd over the first --eval_examples of the synthetic test split:
@@ -58,8 +59,9 @@ def parse_args(argv=None):
                  help="N fake CPU devices (sets XLA_FLAGS and JAX_PLATFORMS=cpu before jax "
                       "is imported)")
   p.add_argument("--peak_tflops", type=float, default=None,
-                 help="peak FLOP/s of ONE device in TFLOP/s for MFU: H100 or H200 SXM dense "
-                      "989 in bf16, 495 in TF32 (float32 compute); see bench/README.md")
+                 help="peak FLOP/s of ONE device in TFLOP/s for MFU (default: the table in "
+                      "launch/flops.py for the device kind and train.compute_dtype, e.g. H100 "
+                      "or H200 SXM dense 989.5 in bf16, 494.5 in TF32 = float32 compute)")
   p.add_argument("--eval_examples", type=int, default=512,
                  help="examples of the bits/dim pass (0 skips it)")
   p.add_argument("--eval_batch_size", type=int, default=None,
@@ -80,22 +82,6 @@ def _set_fake_devices(n):
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-def flops_of(cost) -> float | None:
-  """FLOPs from `compiled.cost_analysis()`.
-
-  jax 0.10.2 returns one dict ({"flops": ..., "bytes accessed": ..., ...}); older versions
-  returned a list with one dict per program. For an SPMD program the count is that of the
-  per-device (partitioned) program. Loops (lax.scan, e.g. train.grad_accum > 1) are
-  counted by XLA's cost model, which may not multiply by the trip count.
-  """
-  if cost is None:
-    return None
-  if isinstance(cost, dict):
-    cost = [cost]
-  values = [c.get("flops") for c in cost if isinstance(c, dict) and c.get("flops") is not None]
-  return float(sum(values)) if values else None
 
 
 def memory_of(compiled) -> dict:
@@ -206,6 +192,7 @@ def main(argv=None):
 
   import jax  # pylint: disable=g-import-not-at-top
   from launch import config_flags, families, trainer  # pylint: disable=g-import-not-at-top
+  from launch import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from launch import setup as setup_lib, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from launch.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -252,14 +239,23 @@ def main(argv=None):
   compiled, compile_s = trainer.compile_step(
       setup, families.device_batch(first, setup.family.batch_keys))
   mem = memory_of(compiled)
-  flops = flops_of(compiled.cost_analysis())
-  result.update(compile_s=compile_s, flops_per_step_per_device=flops,
+  flops = flops_lib.flops_per_step(compiled)
+  loops = flops_lib.while_loop_trip_counts(compiled)
+  result.update(compile_s=compile_s, flops_per_step_per_device=flops, while_loops=loops,
                 **{f"xla_{k}": v for k, v in mem.items()})
   arg_temp = mem["argument_bytes"] + mem["temp_bytes"]
   result["xla_argument_plus_temp_mib"] = arg_temp / 2**20
   print(f"compile: {compile_s:.1f} s; per device: arguments {mem['argument_bytes'] / 2**20:.1f}"
         f" MiB + temp {mem['temp_bytes'] / 2**20:.1f} MiB = {arg_temp / 2**20:.1f} MiB; "
-        f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis)")
+        f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis"
+        + (f"; {len(loops)} while loop(s), trip counts {loops}, each counted once: FLOPs and "
+           f"MFU under-report" if loops else "") + ")")
+  peak_tflops, peak_from = args.peak_tflops, "--peak_tflops"
+  if peak_tflops is None:
+    peak = flops_lib.device_peak_flops(devices[0], config.train.compute_dtype)
+    peak_tflops = peak and peak / 1e12
+    peak_from = f"launch/flops.py, {devices[0].device_kind}, {config.train.compute_dtype}"
+  result.update(peak_tflops=peak_tflops, peak_tflops_from=peak_from)
 
   # ----------------------------------------------------------------------- steady state
   batch = setup_lib.put_batch(setup, first)
@@ -269,13 +265,13 @@ def main(argv=None):
                 step_ms_min=1e3 * min(times), images_per_s=batch_size / mean_s)
   line = (f"step: {1e3 * mean_s:.1f} ms mean, {1e3 * median_s:.1f} median, "
           f"{1e3 * min(times):.1f} min over {args.steps}; {batch_size / mean_s:.1f} images/s")
-  if flops:
-    tflops = flops / mean_s / 1e12          # per device
-    result["achieved_tflops_per_device"] = tflops
-    line += f"; {tflops:.4f} TFLOP/s per device"
-    if args.peak_tflops:
-      result["mfu"] = tflops / args.peak_tflops
-      line += f", MFU {100 * result['mfu']:.1f}% of {args.peak_tflops:g}"
+  use = flops_lib.utilization(flops, 1 / mean_s, peak_tflops and peak_tflops * 1e12)
+  if use:
+    result["achieved_tflops_per_device"] = use["tflops_per_device"]
+    line += f"; {use['tflops_per_device']:.4f} TFLOP/s per device"
+    if "mfu" in use:
+      result["mfu"] = use["mfu"]
+      line += f", MFU {100 * use['mfu']:.1f}% of {peak_tflops:g} ({peak_from})"
   print(line)
 
   # ------------------------------------------------------------------ loader-fed loop

@@ -12,6 +12,8 @@ import time
 import jax
 import numpy as np
 
+from launch import flops as flops_lib
+
 
 class _QuietLibraries(logging.Filter):
   """Drops INFO chatter of orbax/tensorstore/grain (one line per file written) from the log."""
@@ -75,11 +77,20 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """Formats `step 1200/3000 | loss 1.234 | 12.3 steps/s | 790 img/s | ETA 2m26s`."""
+  """Formats `step 1200/3000 | loss 1.234 | 12.3 steps/s | 790 img/s | 41.2 TFLOP/s/device |
+  MFU 20.8% | ETA 2m26s`.
 
-  def __init__(self, start_step: int, total_steps: int, batch_size: int):
+  TFLOP/s per device appears when `flops_per_step` (XLA's count per device, launch/flops.py) is
+  given, MFU when `peak_flops` (the device's peak FLOP/s) is given as well. `throughput` holds the
+  numbers of the last line, for metrics.jsonl.
+  """
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int, *,
+               flops_per_step: float | None = None, peak_flops: float | None = None):
     self.total, self.batch_size = total_steps, batch_size
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self._last_step, self._last_time = start_step, time.perf_counter()
+    self.throughput = {}
 
   def line(self, step: int, metrics: dict) -> str:
     now = time.perf_counter()
@@ -87,8 +98,14 @@ class Progress:
     self._last_step, self._last_time = step, now
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     shown = " | ".join(f"{k} {float(np.asarray(v)):.4g}" for k, v in sorted(metrics.items()))
+    self.throughput = flops_lib.utilization(self.flops_per_step, rate, self.peak_flops)
+    compute = ""
+    if "tflops_per_device" in self.throughput:
+      compute = f"{self.throughput['tflops_per_device']:.3g} TFLOP/s/device | "
+    if "mfu" in self.throughput:
+      compute += f"MFU {100 * self.throughput['mfu']:.1f}% | "
     return (f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | "
-            f"{rate * self.batch_size:.0f} img/s | ETA {format_seconds(eta)}")
+            f"{rate * self.batch_size:.0f} img/s | {compute}ETA {format_seconds(eta)}")
 
 
 def format_seconds(seconds: float) -> str:

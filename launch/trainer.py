@@ -18,6 +18,7 @@ import numpy as np
 
 from launch import checkpoint as checkpoint_lib
 from launch import distributed, families, mesh as mesh_lib, metric_writer, train_state
+from launch import flops as flops_lib
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from launch.data import pipeline
@@ -50,8 +51,34 @@ def compile_step(setup: setup_lib.Setup, example_batch: dict):
   if memory is not None:
     mem = (f", temp {getattr(memory, 'temp_size_in_bytes', 0) / 2**20:.1f} MiB, arguments "
            f"{getattr(memory, 'argument_size_in_bytes', 0) / 2**20:.1f} MiB")
-  logging.info("Compiled the train step in %.1f s%s", seconds, mem)
+  logging.info("Compiled the train step in %.1f s%s%s", seconds, mem, _flops_note(compiled))
   return compiled, seconds
+
+
+def _flops_note(compiled) -> str:
+  """', 12.3 GFLOP per step per device (XLA cost analysis)' (and a warning for loops)."""
+  flops = flops_lib.flops_per_step(compiled)
+  if flops is None:
+    return ""
+  loops = flops_lib.while_loop_trip_counts(compiled)
+  if loops:
+    logging.warning("The train step has %d while loop(s) (trip counts %s, e.g. scanned layers "
+                    "or train.grad_accum): XLA counts each loop body once, so FLOPs, TFLOP/s "
+                    "and MFU under-report.", len(loops), loops)
+  return f", {flops / 1e9:.4g} GFLOP per step per device (XLA cost analysis)"
+
+
+def _flops_and_peak(compiled, mesh, cfg) -> dict:
+  """Progress's flops_per_step (XLA's count per device) and peak_flops (the table's peak of the
+  mesh's device kind for train.compute_dtype, None when unknown)."""
+  flops = flops_lib.flops_per_step(compiled)
+  device = mesh.devices.flat[0]
+  dtype = cfg.get("compute_dtype", "float32")
+  peak = flops_lib.device_peak_flops(device, dtype)
+  logging.info("Peak of a %s device for %s compute: %s", device.device_kind, dtype,
+               f"{peak / 1e12:g} TFLOP/s (launch/flops.py)" if peak else
+               "unknown (no MFU in the progress line)")
+  return {"flops_per_step": flops, "peak_flops": peak}
 
 
 def _nonfinite_error(step, metrics, ckpt):
@@ -86,14 +113,17 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # --------------------------------------------------------------------------- compile
   first = next(data_iter) if start_step < cfg.num_steps else None
-  compiled = None
+  compiled, flops_and_peak = None, {}
   if first is not None:
     compiled, compile_s = compile_step(
         setup, families.device_batch(first, setup.family.batch_keys))
-    writer.write(start_step, {"compile_seconds": compile_s})
+    flops_and_peak = _flops_and_peak(compiled, setup.mesh, cfg)
+    flops = flops_and_peak["flops_per_step"]
+    writer.write(start_step, {"compile_seconds": compile_s,
+                              **({"flops_per_step_per_device": flops} if flops else {})})
 
   # ------------------------------------------------------------------------------ loop
-  progress = metric_writer.Progress(start_step, cfg.num_steps, cfg.batch_size)
+  progress = metric_writer.Progress(start_step, cfg.num_steps, cfg.batch_size, **flops_and_peak)
   frozen = setup_lib.frozen_args(setup)
   eval_rng = jax.random.key(config.seed + 1)
   last_eval, pending = {}, None
@@ -117,10 +147,11 @@ def train(config, workdir: str, devices=None) -> dict:
           raise _nonfinite_error(step, metrics, ckpt)
       if boundary(cfg.log_every):
         ckpt.check()
-        writer.write(step, metrics, prefix="train/")
+        shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
+        line = progress.line(step, shown)  # also measures steps/s, TFLOP/s and MFU
+        writer.write(step, {**metrics, **progress.throughput}, prefix="train/")
         if distributed.is_main_process():
-          shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
-          logging.info(progress.line(step, shown))
+          logging.info(line)
       if boundary(cfg.eval_every) and setup.family.eval_terms is not None:
         last_eval = workdir_lib.evaluate_bpd(setup, state["ema"], split=config.data.eval_split,
                                              rng=jax.random.fold_in(eval_rng, step))
