@@ -31,7 +31,13 @@ setup(
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).
         # transformers: the PyTorch T5 encoder and tokenizer our T5 is checked against.
-        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0"],
+        # libtpu: `launch.aot` and its test compile for TPU slices on a CPU-only machine.
+        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0",
+                 "libtpu==0.0.42.1"],
+        # On a Cloud TPU VM, or anywhere for ahead-of-time compilation (python -m launch.aot).
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+        # NVIDIA GPUs (CUDA 12 wheels from the package index, no local CUDA install needed).
+        "cuda12": ["jax[cuda12]==0.10.2"],
     },
     entry_points={
         "console_scripts": [
@@ -42,6 +48,7 @@ setup(
             "vdiff-sample-cascade=launch.sample_cascade:run",
             "vdiff-evaluate-cascade=launch.evaluate_cascade:run",
             "vdiff-distill=launch.distill:run",
+            "vdiff-aot=launch.aot:run",
         ],
     },
 )

@@ -38,11 +38,32 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with warmup + decay, global-norm clipping and a weight-decay mask."""
+  """cfg.name (default adamw) with warmup + decay, global-norm clipping and a weight-decay
+  mask.
+
+  "adafactor" (Shazeer & Stern 2018; Imagen trains its 2B base model with it) keeps factored
+  second moments (a row and a column vector per matrix) and no first moment, so its state
+  is a small fraction of Adam's two full copies of the parameters. Its step is the plain
+  learning rate times the normalised update (no relative-to-parameter-scale step, no update
+  clipping), so cfg.lr means what it means for Adam.
+  """
+  name = cfg.get("name", "adamw")
+  schedule = learning_rate_schedule(cfg, total_steps)
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                           eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  if name == "adamw":
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  elif name == "adafactor":
+    parts.append(optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                                 clipping_threshold=None, momentum=None,
+                                 weight_decay_rate=cfg.weight_decay or None,
+                                 weight_decay_mask=weight_decay_mask))
+  else:
+    raise ValueError(f"unknown optim.name {name!r}; choose one of {OPTIMIZERS}")
   return optax.chain(*parts)
 
 

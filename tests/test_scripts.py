@@ -288,6 +288,16 @@ def test_gpu_single_host():
                   "4", "--steps", "8"]
 
 
+def test_gpu_install_uses_the_cuda12_extra(tmp_path):
+  (argv,) = commands(script("gpu.sh", "install"))
+  assert argv[:2] == ["bash", "-c"] and "pip install --quiet -e '.[cuda12]'" in argv[2]
+  hostfile = tmp_path / "hosts"
+  hostfile.write_text("node-a\nnode-b\n")
+  lines = commands(script("gpu.sh", "install", str(hostfile)))
+  assert [a[3] for a in lines] == ["node-a", "node-b"]
+  assert all("-e '.[cuda12]'" in a[4] for a in lines)
+
+
 def test_gpu_multi_one_process_per_host(tmp_path, stub):
   hostfile = tmp_path / "hosts"
   hostfile.write_text("# GPU nodes\nalice@node-a   # coordinator\n\nnode-b\n")

@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   # Salimans & Ho: Adam, lr annealed linearly to 0 within each stage, no EMA.
   c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",
       lr=5e-5, warmup_steps=0, decay="linear", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       grad_clip=1.0, ema_decay=0.0))
   c.train = ml_collections.ConfigDict(dict(

@@ -28,6 +28,8 @@ usage() {
   cat <<'EOF'
 Usage: gpu.sh [--dry-run] SUBCOMMAND [ARGS...]
 
+  install [HOSTFILE]                         pip install -e ".[cuda12]" (jax with CUDA 12 from
+                                             the package index) here, or on every host
   train CONFIG WORKDIR [OVERRIDES...]        this host, one process over all its GPUs
   evaluate WORKDIR [ARGS...]                 this host
   sample WORKDIR [ARGS...]                   this host (ARGS: --num N --steps S)
@@ -82,6 +84,19 @@ cmd_multi() {
   done
 }
 
+# install [HOSTFILE]: this checkout with jax's CUDA 12 wheels (NVIDIA's libraries come as
+# pip packages: no local CUDA toolkit needed, only a driver), here or on every host.
+cmd_install() {
+  local cmd="cd $REMOTE_DIR && $PYTHON -m pip install --quiet -e '.[cuda12]' && $PYTHON -c 'import jax; print(jax.devices())'"
+  if [[ $# -eq 0 ]]; then
+    run bash -c "cd $(quote "$REPO_ROOT") && $PYTHON -m pip install --quiet -e '.[cuda12]'"
+    return
+  fi
+  read_hosts "$1"
+  local host
+  for host in "${HOSTS[@]}"; do ssh_to "$host" "$cmd"; done
+}
+
 # logs HOSTFILE [I]: follow the training log on host I.
 cmd_logs() {
   read_hosts "${1:-}"
@@ -121,7 +136,7 @@ main() {
   local sub=${1:-}
   shift || true
   case $sub in
-    train|evaluate|sample|distill|multi|logs|stop|slurm) "cmd_$sub" "$@" ;;
+    install|train|evaluate|sample|distill|multi|logs|stop|slurm) "cmd_$sub" "$@" ;;
     -h|--help|help) usage ;;
     *) usage >&2; [[ -z $sub ]] || echo "gpu.sh: unknown subcommand '$sub'" >&2; exit 2 ;;
   esac
