@@ -10,8 +10,10 @@ Everything goes through the trainer's own functions (`setup_lib.build`, `trainer
 those of `python -m launch.train`. The data defaults to "synthetic:32x32x3" (random images,
 no dataset needed). Sections, each printed as it finishes, then one JSON line of results:
 
-  compile   seconds of `.lower().compile()` of the donated, sharded train step; XLA's memory
-            analysis of it (argument + temp bytes per device) and its FLOP count per device.
+  compile   seconds of tracing + `.lower().compile()` of the donated, sharded train step;
+            XLA's memory analysis of it (argument + temp bytes per device); model FLOPs per
+            step per device (launch/flops.py: matmuls and convolutions of the step's jaxpr,
+            scanned loops counted per trip, / devices) and XLA's count (loops counted once).
   step      steady state: the same device batch, `--warmup` steps, then `--steps` steps each
             ended by block_until_ready: ms/step, images/s, achieved TFLOP/s and model FLOPs
             utilization (MFU) against --peak_tflops, by default the peak of the device kind
@@ -236,20 +238,23 @@ def main(argv=None):
                                 worker_count=worker_count)
   data_iter = iter(loader)
   first = next(data_iter)
-  compiled, compile_s = trainer.compile_step(
+  traced, compiled, compile_s = trainer.trace_and_compile_step(
       setup, families.device_batch(first, setup.family.batch_keys))
   mem = memory_of(compiled)
-  flops = flops_lib.flops_per_step(compiled)
+  flops = trainer.model_flops_per_device(traced, setup.mesh)
+  xla_flops = flops_lib.flops_per_step(compiled)
   loops = flops_lib.while_loop_trip_counts(compiled)
-  result.update(compile_s=compile_s, flops_per_step_per_device=flops, while_loops=loops,
+  result.update(compile_s=compile_s, flops_per_step_per_device=flops,
+                xla_flops_per_step_per_device=xla_flops, while_loops=loops,
                 **{f"xla_{k}": v for k, v in mem.items()})
   arg_temp = mem["argument_bytes"] + mem["temp_bytes"]
   result["xla_argument_plus_temp_mib"] = arg_temp / 2**20
   print(f"compile: {compile_s:.1f} s; per device: arguments {mem['argument_bytes'] / 2**20:.1f}"
         f" MiB + temp {mem['temp_bytes'] / 2**20:.1f} MiB = {arg_temp / 2**20:.1f} MiB; "
-        f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis"
-        + (f"; {len(loops)} while loop(s), trip counts {loops}, each counted once: FLOPs and "
-           f"MFU under-report" if loops else "") + ")")
+        f"{flops / 1e9:.2f} GFLOP per step per device (model FLOPs, launch/flops.py); XLA "
+        f"cost analysis {(xla_flops or 0) / 1e9:.2f}"
+        + (f" ({len(loops)} while loop(s), trip counts {loops}, each counted once)"
+           if loops else ""))
   peak_tflops, peak_from = args.peak_tflops, "--peak_tflops"
   if peak_tflops is None:
     peak = flops_lib.device_peak_flops(devices[0], config.train.compute_dtype)

@@ -1,11 +1,27 @@
-"""Peak FLOP/s and HBM of accelerator chips, the FLOPs XLA counts in a step, and MFU.
+"""Peak FLOP/s and HBM of accelerator chips, model FLOPs of a step, and MFU.
 
-MFU (model FLOPs utilization) here = FLOPs per step per device / step seconds / the device's
-peak dense FLOP/s for the run's compute dtype. The FLOPs are XLA's count of the compiled,
-partitioned per-device program (`compiled.cost_analysis()["flops"]`), so they include
-everything the step computes: forward, backward, rematerialized forward passes, optimizer and
-EMA updates (one FLOP per elementwise op, 2 per multiply-add). What XLA counts, measured here
-(tests/test_flops.py, and deviceless TPU compiles with libtpu 0.0.42.1):
+MFU (model FLOPs utilization) here = model FLOPs per step per device / step seconds / the
+device's peak dense FLOP/s for the run's compute dtype.
+
+Model FLOPs (`jaxpr_flops`, `step_flops`) are counted on the step's jaxpr, before XLA: 2 per
+multiply-add of every `dot_general` and `conv_general_dilated`, nothing else (elementwise ops,
+reductions, transcendentals, the optimizer's and EMA's arithmetic are left out: they do not
+run on the matrix units whose peak the MFU divides by).
+Loops count per trip: a `lax.scan` body (scanned layers, `train.grad_accum > 1`) is multiplied
+by its length. Per device = the global count / the number of devices in the mesh. That is
+MFU's convention (PaLM, Chowdhery et al. 2022, appendix B: model FLOP/s over N x peak), and it
+is each device's actual matmul work when the program splits the work evenly over the mesh,
+as the data / fsdp / tensor parallel train step does. A program that repeats work on every
+device does more per device than this (e.g. the sampling step with its replicated batch under
+data_parallel rules runs every sample's convolutions on every device); MFU then reads lower,
+rightly: repeated work is not model progress.
+Recomputation asked for by `jax.checkpoint` (`remat`) is in the jaxpr and is counted, so with
+remat on the count includes the recomputed forward passes (closer to "hardware FLOPs").
+
+XLA's own count (`flops_per_step`: `compiled.cost_analysis()["flops"]` of the compiled,
+partitioned per-device program) is kept as a second figure. It includes everything the step
+computes (one FLOP per elementwise op, 2 per multiply-add) but differs from the model count in
+ways measured here (tests/test_flops.py, and deviceless TPU compiles with libtpu 0.0.42.1):
   - a matmul [B, Din] x [Din, Dout] is 2 B Din Dout; `+ b` adds B Dout, an activation B Dout more;
   - a convolution counts only the kernel taps that land inside the input: with SAME padding
     that is below the textbook 2 B H W Cout K K Cin (about 4% below for K=3 at 32x32);
@@ -14,6 +30,7 @@ EMA updates (one FLOP per elementwise op, 2 per multiply-add). What XLA counts, 
   - a while loop (`lax.scan`: scanned layers, `train.grad_accum > 1`) is counted ONCE, not
     once per trip, on CPU and TPU alike; such steps under-report FLOPs and MFU by up to the
     trip count. `while_loop_trip_counts(compiled)` lists the loops so callers can say so.
+    This is why MFU uses the jaxpr count.
 
 Peak figures are per chip, dense (no 2:4 sparsity), from the vendors' pages cited below; NVIDIA's
 datasheets headline "with sparsity" figures, which are twice the dense ones. A float32 step's
@@ -26,10 +43,13 @@ peak depends on how XLA runs float32 matmuls and convolutions, which
 """
 
 import dataclasses
+import logging
+import math
 import re
 
 import jax
 from jax import lax
+from jax.extend import core as jcore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +186,102 @@ def device_hbm_bytes(device) -> int | None:
   """HBM bytes of one jax device from the table (None when its kind is unknown)."""
   chip = chip_of(device.device_kind)
   return None if chip is None else int(chip.hbm_bytes * device_fraction(device, chip))
+
+
+# ------------------------------------------------------------------ model FLOPs of a jaxpr
+
+# Primitives that call their sub-jaxprs once per call (jit was "pjit" before jax 0.7; remat2 is
+# jax.checkpoint). Sub-jaxprs of others are counted once too (a scatter's or reduction's
+# combiner has no matmuls), with a warning where they have matmuls.
+_CALLS_ONCE = ("jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint",
+               "custom_jvp_call", "custom_vjp_call", "custom_lin")
+
+
+def dot_general_flops(eqn) -> float:
+  """2 M N K of one `dot_general`: 2 x output elements (batch and free dims) x the product of
+  the contracting dims."""
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  lhs_shape = eqn.invars[0].aval.shape
+  k = math.prod(lhs_shape[d] for d in lhs_contract)
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+
+
+def conv_flops(eqn) -> float:
+  """Textbook FLOPs of one `conv_general_dilated`: 2 x output elements x kernel spatial size x
+  input features per group (the kernel's input-feature dim). Every kernel tap is counted, also
+  taps that fall on SAME padding or on the zeros of an lhs dilation (the input gradient of a
+  strided conv); XLA's cost analysis leaves padded taps out."""
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+  rhs_shape = eqn.invars[1].aval.shape
+  taps = math.prod(rhs_shape[d] for d in rhs_spec[2:])
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * taps * rhs_shape[rhs_spec[1]]
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """Model FLOPs of one evaluation of a (closed) jaxpr: `dot_general` and
+  `conv_general_dilated` only (module docstring), every loop trip counted.
+
+  Sub-jaxprs: `scan` bodies count x `length`; `cond` counts its most expensive branch;
+  `shard_map` bodies (per-device code) count x the devices along their manual axes; `jit`,
+  `closed_call`, `remat2` (jax.checkpoint), `custom_jvp_call` and `custom_vjp_call` count once.
+  A `while` loop's trip count is unknown before it runs: its body is counted once and a warning
+  says so (`lax.fori_loop` with static bounds is a scan, not a while).
+  """
+  total, whiles = _count(jaxpr)
+  if whiles:
+    logging.warning("%d while loop(s) with matmuls or convolutions: their trip counts are "
+                    "unknown, each body is counted once, so the model FLOPs under-report.",
+                    whiles)
+  return total
+
+
+def _count(jaxpr) -> tuple[float, int]:
+  """(FLOPs, number of while loops with FLOPs counted once) of a Jaxpr or ClosedJaxpr."""
+  if isinstance(jaxpr, jcore.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  total, whiles = 0.0, 0
+  for eqn in jaxpr.eqns:
+    name, params = eqn.primitive.name, eqn.params
+    if name == "dot_general":
+      total += dot_general_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += conv_flops(eqn)
+    elif name == "scan":
+      body, w = _count(params["jaxpr"])
+      total, whiles = total + params["length"] * body, whiles + w
+    elif name == "cond":
+      branch, w = max(_count(b) for b in params["branches"])
+      total, whiles = total + branch, whiles + w
+    elif name == "while":
+      body, w = _count(params["body_jaxpr"])
+      test, w_test = _count(params["cond_jaxpr"])
+      total, whiles = total + body + test, whiles + w + w_test + int(body + test > 0)
+    elif name == "shard_map":
+      body, w = _count(params["jaxpr"])
+      shards = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+      total, whiles = total + shards * body, whiles + w
+    else:
+      for sub in jcore.jaxprs_in_params(params):
+        f, w = _count(sub)
+        if f and name not in _CALLS_ONCE:
+          logging.warning("jaxpr_flops: counting the matmuls inside primitive %r once per call",
+                          name)
+        total, whiles = total + f, whiles + w
+  return total, whiles
+
+
+def step_flops(fn, *args, **kwargs) -> float:
+  """Global model FLOPs of one call `fn(*args, **kwargs)` (jaxpr_flops of its trace).
+
+  `fn` may be plain or jitted (its shardings are kept); args may be arrays or
+  `jax.ShapeDtypeStruct`s, so nothing is computed or compiled. Divide by the number of devices
+  of the mesh for the per-device figure (module docstring).
+  """
+  jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
+  return jaxpr_flops(jitted.trace(*args, **kwargs).jaxpr)
+
+
+# -------------------------------------------------------------------- XLA's count, compiled
 
 
 def flops_per_step(compiled) -> float | None:

@@ -27,8 +27,9 @@ from launch.data import pipeline
 # ------------------------------------------------------------------------------ training
 
 
-def compile_step(setup: setup_lib.Setup, example_batch: dict):
-  """jit with explicit shardings and donated state, compiled ahead of time."""
+def trace_step(setup: setup_lib.Setup, example_batch: dict) -> jax.stages.Traced:
+  """The train step, jitted with explicit shardings and donated state, traced on abstract
+  arguments (the state, a global batch shaped like `example_batch`, the frozen modules)."""
   config = setup.config
   step = train_state.make_train_step(
       lambda p, b, r, *f: setup.family.loss_and_grads(setup.graphdef, p, b, r, config,
@@ -42,36 +43,46 @@ def compile_step(setup: setup_lib.Setup, example_batch: dict):
   global_shape = lambda v: (config.train.batch_size,) + np.shape(v)[1:]
   abstract_batch = {k: jax.ShapeDtypeStruct(global_shape(v), np.asarray(v).dtype, sharding=s)
                     for (k, v), s in zip(example_batch.items(), b_sh.values())}
+  return jitted.trace(setup.abstract_state, abstract_batch, *setup_lib.frozen_args(setup))
+
+
+def compile_step(setup: setup_lib.Setup, example_batch: dict):
+  """The train step compiled ahead of time: (compiled, seconds of tracing and compiling)."""
+  _, compiled, seconds = trace_and_compile_step(setup, example_batch)
+  return compiled, seconds
+
+
+def trace_and_compile_step(setup: setup_lib.Setup, example_batch: dict):
+  """(trace_step's trace, the step compiled from it, seconds of both): the trace gives the
+  model FLOPs (model_flops_per_device), the compiled step runs."""
   start = time.perf_counter()
-  frozen = setup_lib.frozen_args(setup)
-  compiled = jitted.lower(setup.abstract_state, abstract_batch, *frozen).compile()
+  traced = trace_step(setup, example_batch)
+  compiled = traced.lower().compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   mem = ""
   if memory is not None:
     mem = (f", temp {getattr(memory, 'temp_size_in_bytes', 0) / 2**20:.1f} MiB, arguments "
            f"{getattr(memory, 'argument_size_in_bytes', 0) / 2**20:.1f} MiB")
-  logging.info("Compiled the train step in %.1f s%s%s", seconds, mem, _flops_note(compiled))
-  return compiled, seconds
+  xla = flops_lib.flops_per_step(compiled)
+  logging.info("Compiled the train step in %.1f s%s%s", seconds, mem,
+               f", {xla / 1e9:.4g} GFLOP per step per device (XLA cost analysis, loops "
+               f"counted once)" if xla else "")
+  return traced, compiled, seconds
 
 
-def _flops_note(compiled) -> str:
-  """', 12.3 GFLOP per step per device (XLA cost analysis)' (and a warning for loops)."""
-  flops = flops_lib.flops_per_step(compiled)
-  if flops is None:
-    return ""
-  loops = flops_lib.while_loop_trip_counts(compiled)
-  if loops:
-    logging.warning("The train step has %d while loop(s) (trip counts %s, e.g. scanned layers "
-                    "or train.grad_accum): XLA counts each loop body once, so FLOPs, TFLOP/s "
-                    "and MFU under-report.", len(loops), loops)
-  return f", {flops / 1e9:.4g} GFLOP per step per device (XLA cost analysis)"
+def model_flops_per_device(traced, mesh) -> float:
+  """Model FLOPs of one traced step per device: launch/flops.py's jaxpr count (loops counted
+  per trip) / the mesh's devices, the work being split evenly over the mesh."""
+  return flops_lib.jaxpr_flops(traced.jaxpr) / mesh.devices.size
 
 
-def _flops_and_peak(compiled, mesh, cfg) -> dict:
-  """Progress's flops_per_step (XLA's count per device) and peak_flops (the table's peak of the
-  mesh's device kind for train.compute_dtype, None when unknown)."""
-  flops = flops_lib.flops_per_step(compiled)
+def _flops_and_peak(traced, mesh, cfg) -> dict:
+  """Progress's flops_per_step (model FLOPs per device) and peak_flops (the table's peak of
+  the mesh's device kind for train.compute_dtype, None when unknown)."""
+  flops = model_flops_per_device(traced, mesh)
+  logging.info("Model FLOPs (matmuls and convolutions, launch/flops.py): %.4g GFLOP per step "
+               "per device", flops / 1e9)
   device = mesh.devices.flat[0]
   dtype = cfg.get("compute_dtype", "float32")
   peak = flops_lib.device_peak_flops(device, dtype)
@@ -115,12 +126,14 @@ def train(config, workdir: str, devices=None) -> dict:
   first = next(data_iter) if start_step < cfg.num_steps else None
   compiled, flops_and_peak = None, {}
   if first is not None:
-    compiled, compile_s = compile_step(
+    traced, compiled, compile_s = trace_and_compile_step(
         setup, families.device_batch(first, setup.family.batch_keys))
-    flops_and_peak = _flops_and_peak(compiled, setup.mesh, cfg)
-    flops = flops_and_peak["flops_per_step"]
+    flops_and_peak = _flops_and_peak(traced, setup.mesh, cfg)
+    xla_flops = flops_lib.flops_per_step(compiled)
     writer.write(start_step, {"compile_seconds": compile_s,
-                              **({"flops_per_step_per_device": flops} if flops else {})})
+                              "flops_per_step_per_device": flops_and_peak["flops_per_step"],
+                              **({"xla_flops_per_step_per_device": xla_flops}
+                                 if xla_flops else {})})
 
   # ------------------------------------------------------------------------------ loop
   progress = metric_writer.Progress(start_step, cfg.num_steps, cfg.batch_size, **flops_and_peak)

@@ -1,6 +1,8 @@
-"""FLOPs, peaks and MFU (launch/flops.py): XLA's FLOP count against hand counts, the device-kind
-table, the MFU arithmetic, and the progress line and metrics the trainer writes from them."""
+"""FLOPs, peaks and MFU (launch/flops.py): the jaxpr model-FLOP count and XLA's FLOP count
+against hand counts, loops counted per trip (jaxpr) or once (XLA), the device-kind table, the
+MFU arithmetic, and the progress line and metrics the trainer writes from them."""
 
+import logging
 import types
 
 import jax
@@ -10,7 +12,8 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from launch import flops, metric_writer
+from launch import config_flags, flops, metric_writer, trainer
+from launch import setup as setup_lib
 
 B, DIN, DOUT = 16, 24, 40
 
@@ -74,7 +77,8 @@ def test_conv_flops_equal_the_hand_count(h, w, k):
 def test_a_scanned_loop_is_counted_once_and_reported():
   """XLA counts a while-loop body once, not per trip: the unrolled stack of L matmuls is counted
   in full, the scanned one as about one layer, and while_loop_trip_counts finds the loop.
-  (If XLA starts multiplying by the trip count this test fails: drop the trainer's warning.)"""
+  (This is why MFU uses the jaxpr count; if XLA starts multiplying by the trip count this test
+  fails and XLA's figure becomes usable again.)"""
   layers, d = 5, 32
   x, ws = jnp.ones((B, d)), jnp.ones((layers, d, d))
 
@@ -98,6 +102,150 @@ def test_flops_per_step_reads_old_and_new_cost_analysis_forms():
   assert flops.flops_per_step(fake([{"flops": 6.0}, {"flops": 4.0}])) == 10.0  # jax < 0.4.3x
   assert flops.flops_per_step(fake(None)) is None
   assert flops.flops_per_step(fake({"bytes accessed": 1.0})) is None
+
+
+# ------------------------------------------------------------ model FLOPs of the jaxpr
+
+
+def test_jaxpr_dense_layer_counts_the_matmul_only():
+  """2 B Din Dout for x @ W; the bias add and the activation are elementwise: not counted. The
+  gradient wrt x and W is two more matmuls of the same size: 3x in all."""
+  x, w, b = jnp.ones((B, DIN)), jnp.ones((DIN, DOUT)), jnp.ones((DOUT,))
+  layer = lambda x, w, b: jax.nn.relu(x @ w + b)
+  matmul = 2 * B * DIN * DOUT
+  assert flops.step_flops(layer, x, w, b) == matmul
+  assert flops.jaxpr_flops(jax.make_jaxpr(layer)(x, w, b)) == matmul
+  grads = jax.grad(lambda x, w, b: layer(x, w, b).sum(), argnums=(0, 1))
+  assert flops.step_flops(grads, x, w, b) == 3 * matmul
+  assert flops.step_flops(jax.jit(layer), x, w, b) == matmul        # jitted: nested jit eqn
+
+
+def test_jaxpr_batched_matmul_counts_the_batch_dims():
+  a, b = jnp.ones((3, 4, 5, 6)), jnp.ones((3, 4, 6, 7))
+  assert flops.step_flops(jnp.matmul, a, b) == 2 * 3 * 4 * 5 * 6 * 7
+  assert flops.step_flops(lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b), a, a) == (
+      2 * 3 * 4 * 5 * 6 * 5)
+
+
+@pytest.mark.parametrize("h,w,k", [(8, 8, 3), (6, 10, 5), (7, 7, 1)])
+def test_jaxpr_conv_is_the_textbook_count(h, w, k):
+  """Model FLOPs of a conv count every kernel tap, padded or not: SAME is 2 B H W Cout K K Cin
+  (above XLA's count for K > 1), VALID is 2 B Ho Wo Cout K K Cin (equal to XLA's)."""
+  n, cin, cout = 2, 3, 5
+  x, kernel = jnp.ones((n, h, w, cin)), jnp.ones((k, k, cin, cout))
+  assert flops.step_flops(_conv("SAME"), x, kernel) == 2 * n * h * w * cout * k * k * cin
+  valid = 2 * n * (h - k + 1) * (w - k + 1) * cout * k * k * cin
+  assert flops.step_flops(_conv("VALID"), x, kernel) == valid == _flops(_conv("VALID"), x,
+                                                                        kernel)
+
+
+def test_jaxpr_conv_strided_grouped_and_its_gradients():
+  """Stride 2 halves H and W of the output; groups divide the input features per output. The
+  kernel gradient is a conv with the same multiply-adds as the forward pass; the input
+  gradient of a stride-2 conv runs on the 2x-dilated cotangent, whose inserted zeros count
+  as taps (textbook count of a transposed conv): 4x the forward here."""
+  n, h, cin, cout, k, groups = 2, 8, 6, 4, 3, 2
+  x, kernel = jnp.ones((n, h, h, cin)), jnp.ones((k, k, cin // groups, cout))
+  conv = lambda x, kernel: lax.conv_general_dilated(
+      x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+  forward = 2 * n * (h // 2) * (h // 2) * cout * k * k * (cin // groups)
+  assert flops.step_flops(conv, x, kernel) == forward
+  d_kernel = jax.grad(lambda x, kernel: conv(x, kernel).sum(), argnums=1)
+  assert flops.step_flops(d_kernel, x, kernel) == 2 * forward
+  d_both = jax.grad(lambda x, kernel: conv(x, kernel).sum(), argnums=(0, 1))
+  assert flops.step_flops(d_both, x, kernel) == 2 * forward + 4 * forward
+
+
+LAYERS, D = 5, 32
+
+
+def _unrolled(x, ws):
+  for i in range(LAYERS):
+    x = jnp.tanh(x @ ws[i])
+  return x
+
+
+def _scanned(x, ws):
+  return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+
+def test_jaxpr_scan_counts_its_body_per_trip():
+  """A scan over 5 dense layers is 5 x one layer, as the unrolled loop, forward and backward;
+  a fori_loop with static bounds (a scan) alike."""
+  x, ws = jnp.ones((B, D)), jnp.ones((LAYERS, D, D))
+  one_layer = 2 * B * D * D
+  assert flops.step_flops(_scanned, x, ws) == LAYERS * one_layer == flops.step_flops(
+      _unrolled, x, ws)
+  grad = lambda f: jax.grad(lambda x, ws: f(x, ws).sum(), argnums=(0, 1))
+  assert flops.step_flops(grad(_scanned), x, ws) == 3 * LAYERS * one_layer == (
+      flops.step_flops(grad(_unrolled), x, ws))
+  fori = lambda x, ws: lax.fori_loop(0, LAYERS, lambda i, h: h @ ws[i], x)
+  assert flops.step_flops(fori, x, ws) == LAYERS * one_layer
+  nested = lambda x, ws: lax.scan(lambda h, _: (_scanned(h, ws), None), x, None, length=3)[0]
+  assert flops.step_flops(nested, x, ws) == 3 * LAYERS * one_layer
+
+
+def test_jaxpr_cond_counts_its_most_expensive_branch():
+  x, w = jnp.ones((B, D)), jnp.ones((D, D))
+  two, one = (lambda x: x @ w @ w), (lambda x: x @ w)
+  for branches in ((two, one), (one, two), (one, two, lambda x: x)):
+    f = lambda x, i, branches=branches: lax.switch(i, branches, x)
+    assert flops.step_flops(f, x, 0) == 2 * (2 * B * D * D)
+  checkpointed = jax.checkpoint(lambda x: x @ w)          # remat2: its body once
+  assert flops.step_flops(checkpointed, x) == 2 * B * D * D
+
+
+def test_jaxpr_while_loop_counts_its_body_once_and_says_so(caplog):
+  x, w = jnp.ones((B, D)), jnp.ones((D, D))
+  loop = lambda x, n: lax.while_loop(lambda c: c[1] < n, lambda c: (c[0] @ w, c[1] + 1),
+                                     (x, 0))[0]
+  with caplog.at_level(logging.WARNING):
+    assert flops.step_flops(loop, x, 7) == 2 * B * D * D
+  assert "1 while loop(s)" in caplog.text and "under-report" in caplog.text
+
+
+def test_jaxpr_shard_map_counts_every_shard():
+  """A shard_map body is per-device code: counted once per device along its manual axes, so
+  the batch-sharded dense layer counts what the unsharded one does."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  x, w = jnp.ones((B, DIN)), jnp.ones((DIN, DOUT))
+  sharded = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("data"), P()),
+                          out_specs=P("data"))
+  assert flops.step_flops(sharded, x, w) == 2 * B * DIN * DOUT
+
+
+def _score_unet_step_flops(*overrides) -> float:
+  """Model FLOPs of the trainer's train step (trace only, nothing compiled) for the tiny
+  digits config on one device, at batch 4."""
+  config = config_flags.load_config("configs/vdm/digits.py:runlocal", [
+      "mesh.ici=(1, 1, 1)", "train.batch_size=4", *overrides])
+  setup = setup_lib.build(config, jax.devices()[:1])
+  batch = {"image": np.zeros((1, 8, 8, 1), np.int32), "label": np.zeros((1,), np.int32)}
+  traced = trainer.trace_step(setup, batch)
+  return trainer.model_flops_per_device(traced, setup.mesh)
+
+
+def test_score_unet_step_counts_the_same_scanned_or_unrolled():
+  """The score U-Net's train step (forward, backward, optimizer) with its down and up stacks
+  run by lax.scan counts what the unrolled stacks count (XLA's count falls short by the
+  scanned layers: test_a_scanned_loop_is_counted_once_and_reported). Each extra layer adds
+  one down and one up block, the same FLOPs each time: the count is linear in n_layer."""
+  by_depth = {n: _score_unet_step_flops("model.score_unet.scan_layers=True",
+                                        f"model.score_unet.n_layer={n}") for n in (1, 2, 3)}
+  unrolled = _score_unet_step_flops("model.score_unet.scan_layers=False",
+                                    "model.score_unet.n_layer=3")
+  np.testing.assert_allclose(by_depth[3], unrolled, rtol=1e-6)
+  per_layer = by_depth[2] - by_depth[1]
+  assert per_layer > 0.1 * by_depth[1]
+  np.testing.assert_allclose(by_depth[3] - by_depth[2], per_layer, rtol=1e-6)
+
+
+def test_gradient_accumulation_counts_the_whole_batch():
+  """train.grad_accum=2 runs the batch as a 2-trip scan over halves: the same FLOPs as one pass
+  over the whole batch (XLA's count would hold one half)."""
+  np.testing.assert_allclose(_score_unet_step_flops("train.grad_accum=2"),
+                             _score_unet_step_flops("train.grad_accum=1"), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------ the peak table
@@ -202,9 +350,8 @@ def test_progress_line_omits_mfu_without_a_peak(monkeypatch):
 
 def test_trainer_records_flops_tflops_and_mfu(tmp_path, monkeypatch):
   """Two logged steps of the tiny digits model on one device, with a made-up 1 TFLOP/s peak:
-  metrics.jsonl holds XLA's FLOPs per step (as compile_step's executable reports them), and
-  each train record TFLOP/s per device and MFU = TFLOP/s / 1."""
-  from launch import config_flags, trainer  # pylint: disable=g-import-not-at-top
+  metrics.jsonl holds the model FLOPs per step (the jaxpr count of the traced step) and XLA's
+  count, and each train record TFLOP/s per device = model FLOPs x steps/s and MFU = TFLOP/s / 1."""
   peaks = []
   monkeypatch.setattr(trainer.flops_lib, "device_peak_flops",
                       lambda device, dtype: peaks.append((device.device_kind, dtype)) or 1e12)
@@ -216,7 +363,10 @@ def test_trainer_records_flops_tflops_and_mfu(tmp_path, monkeypatch):
   records = metric_writer.read_metrics(str(tmp_path))
   assert peaks == [(jax.devices()[0].device_kind, "float32")]
   compiled_record = next(r for r in records if "compile_seconds" in r)
-  assert compiled_record["flops_per_step_per_device"] > 1e6
+  model_flops = _score_unet_step_flops("model.schedule.name=linear", "optim.decay=constant",
+                                       "train.batch_size=16")
+  assert compiled_record["flops_per_step_per_device"] == model_flops > 1e6
+  assert compiled_record["xla_flops_per_step_per_device"] > 1e6
   train = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train] == [1, 2]
   for r in train:
