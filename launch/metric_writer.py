@@ -80,8 +80,9 @@ class Progress:
   """Formats `step 1200/3000 | loss 1.234 | 12.3 steps/s | 790 img/s | 41.2 TFLOP/s/device |
   MFU 20.8% | ETA 2m26s`.
 
-  TFLOP/s per device appears when `flops_per_step` (XLA's count per device, launch/flops.py) is
-  given, MFU when `peak_flops` (the device's peak FLOP/s) is given as well. `throughput` holds the
+  TFLOP/s per device appears when `flops_per_step` (model FLOPs per device: the step's jaxpr
+  count, launch/flops.py) is given, MFU when `peak_flops` (the device's peak FLOP/s) is given
+  as well. `throughput` holds the
   numbers of the last line, for metrics.jsonl.
   """
 
