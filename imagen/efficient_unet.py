@@ -58,6 +58,11 @@ cond["text_emb"] (and "text_mask") gives the same output, as does a zero-length 
 [B, 0, text_dim]. Classifier-free guidance drops the text of an example by zeroing its
 mask row, at training and at sampling.
 
+Scanned layers (vdm/nets/stack.py): a level's ResBlocks are a `stack.Chain`: the blocks
+after the first (and the first too when it keeps the width) have identical shapes and are
+one `Stack` with parameters stacked on a leading axis, run by jax.lax.scan (`scan_layers`)
+or an unrolled loop over the same parameters; `remat` sets the recomputation per block.
+
 The 1/sqrt(2) reading: B.1 says "scaling the skip connections by 1/sqrt(2)"; SR3 and
 NCSN++ scale residual sums, (x + h) / sqrt(2), and so do we. Some re-implementations (e.g.
 lucidrains/imagen-pytorch's `skip_connect_scale`) instead scale the U-Net skip before
@@ -72,7 +77,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets import layers
+from vdm.nets import layers, stack
 from vdm.nets.unet import logsnr_to_time
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)  # Imagen appendix B.1
@@ -175,19 +180,19 @@ class Level(nnx.Module):
 
   def __init__(self, in_ch: int, out_ch: int, num_blocks: int, *, emb_ch: int,
                self_attn: bool, cross_attn: bool, text_dim: int | None, num_heads: int,
-               dropout: float, dtype, rngs: nnx.Rngs):
-    self.blocks = nnx.List([
-        EfficientResBlock(in_ch if j == 0 else out_ch, out_ch, emb_ch, dropout=dropout,
-                          adaptive_norm=True, dtype=dtype, rngs=rngs)
-        for j in range(num_blocks)])
+               dropout: float, scan_layers: bool, remat: str, dtype, rngs: nnx.Rngs):
+    block = lambda spec, r: EfficientResBlock(*spec, emb_ch, dropout=dropout,
+                                              adaptive_norm=True, dtype=dtype, rngs=r)
+    specs = [(in_ch, out_ch)] + [(out_ch, out_ch)] * (num_blocks - 1)
+    self.blocks = stack.Chain(block, specs, scan=scan_layers, remat=remat, rngs=rngs)
     self.attn = (layers.AttentionBlock(out_ch, num_heads=num_heads, dtype=dtype, rngs=rngs)
                  if self_attn else None)
     self.cross = (CrossAttentionBlock(out_ch, text_dim, num_heads=num_heads, dtype=dtype,
                                       rngs=rngs) if cross_attn else None)
 
   def body(self, h, emb, text, dropout_key):
-    for block, key in zip(self.blocks, layers.split_key(dropout_key, len(self.blocks))):
-      h = block(h, emb, dropout_key=key)
+    step = lambda block, h, key: (block(h, emb, dropout_key=key), None)
+    h, _ = self.blocks(step, h, layers.split_key(dropout_key, len(self.blocks)))
     if self.attn is not None:
       h = self.attn(h)
     if self.cross is not None:
@@ -258,6 +263,9 @@ class EfficientUNet(nnx.Module):
     emb_ch: conditioning embedding width (default 4 * ch).
     guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
       embedding (zero at init) is added to the conditioning embedding.
+    scan_layers: run each level's identical ResBlocks with jax.lax.scan rather than an
+      unrolled loop; same parameters, values and gradients either way.
+    remat: "none" | "block" | "dots": activation recomputation per block (stack.py).
     dtype: compute dtype (params float32; norms, embeddings and softmax in float32).
   """
 
@@ -268,7 +276,8 @@ class EfficientUNet(nnx.Module):
                num_heads: int = 8, text_dim: int | None = None, lowres_cond: bool = False,
                num_classes: int | None = None, dropout: float = 0.0,
                emb_ch: int | None = None, out_channels: int | None = None,
-               guidance_embedding: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               guidance_embedding: bool = False, scan_layers: bool = True,
+               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
       raise ValueError(f"image_size={image_size} must be divisible by 2^(len(ch_mult)-1)="
@@ -308,7 +317,8 @@ class EfficientUNet(nnx.Module):
                                     rngs=rngs) if text_dim is not None else None)
 
     common = dict(emb_ch=emb_ch, text_dim=text_dim, num_heads=num_heads, dropout=dropout,
-                  dtype=dtype, rngs=rngs)
+                  scan_layers=scan_layers, remat=stack.check_remat(remat), dtype=dtype,
+                  rngs=rngs)
     attn_at = lambda i: dict(self_attn=sizes[i] in attn_resolutions,
                              cross_attn=sizes[i] in cross_attn_resolutions)
     in_ch = channels * (2 if lowres_cond else 1)

@@ -49,6 +49,8 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.floa
                      f"{data_shape[0]}")
   shape = (cfg.resolution, cfg.resolution, data_shape[-1])
   kwargs = dict(efficient_unet_config(cfg.unet_preset))
+  # Configs saved before these keys existed build the default (scanned, no remat).
+  kwargs.update(scan_layers=cfg.get("scan_layers", True), remat=cfg.get("remat", "none"))
   kwargs.update(dict(cfg.unet_overrides))
   kwargs.update(channels=shape[-1], image_size=cfg.get("crop_size", 0) or cfg.resolution,
                 text_dim=cfg.text_dim,

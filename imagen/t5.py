@@ -29,12 +29,13 @@ Parameters are float32 and carry logical axis names (vdm/nets/layers.py, launch/
   wo               [d_ff, d_model]              ("mlp", "embed")
   norm scales      [d_model]                    ("norm",)
   relative bias    [num_buckets, heads]         (None, "heads")
-The layers are created once with `nnx.vmap`, so every layer parameter is stacked with a
-leading [num_layers] axis whose logical name is None (replicated: a layer's weights are
-sharded within the layer, not across layers). `scan_layers=True` runs them with
-`jax.lax.scan` over the stacked state (one compiled layer body: fast compiles for the
-24-layer XXL); `scan_layers=False` unrolls a Python loop over the same stacked parameters,
-so both modes share one checkpoint layout. `remat` wraps the layer in `jax.checkpoint`.
+The layers are created once with `nnx.vmap` (`vdm.nets.stack.stacked`), so every layer
+parameter is stacked with a leading [num_layers] axis whose logical name is None
+(replicated: a layer's weights are sharded within the layer, not across layers).
+`scan_layers=True` runs them with `jax.lax.scan` over the stacked state (one compiled layer
+body: fast compiles for the 24-layer XXL); `scan_layers=False` unrolls a Python loop over
+the same stacked parameters, so both modes share one checkpoint layout
+(`stack.run_stacked`). `remat` wraps the layer in `jax.checkpoint`.
 
 `dtype` is the compute dtype of the matmuls ("bfloat16" on accelerators); the residual
 stream, norms, softmax and the output stay float32.
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vdm.nets import stack
 from vdm.nets.layers import partitioned
 
 EMBED = ("vocab", "embed")
@@ -265,9 +267,6 @@ class T5Block(nnx.Module):
     return h + self.mlp(x).astype(jnp.float32)
 
 
-_STACK = {nnx.PARTITION_NAME: None}  # stacked-layer axis: logical name None (replicated)
-
-
 class T5Encoder(nnx.Module):
   """The T5 v1.1 (or UMT5) encoder: token ids -> final-normed hidden states [B, L, D]."""
 
@@ -279,13 +278,7 @@ class T5Encoder(nnx.Module):
       self.relative_bias = _param(nnx.initializers.normal(0.5), REL_BIAS,
                                   (config.relative_attention_num_buckets, config.num_heads),
                                   rngs)
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK)
-    def make_layers(rngs):
-      return T5Block(config, rngs=rngs)
-
-    self.layers = make_layers(rngs)
+    self.layers = stack.stacked(lambda r: T5Block(config, rngs=r), config.num_layers, rngs)
     self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon, rngs=rngs)
 
   def __call__(self, input_ids, attention_mask) -> jax.Array:
@@ -310,21 +303,10 @@ class T5Encoder(nnx.Module):
     mask_bias = jnp.where(attention_mask.astype(bool), 0.0, MASK_BIAS)[:, None, None, :]
     h = jnp.take(self.embedding[...], input_ids, axis=0)
 
-    # The stacked layers as a graph and a state with a leading [num_layers] axis; one layer
-    # is the graph merged with a slice of the state. A functional scan (rather than
-    # nnx.scan) keeps this callable with the encoder's state closed over under jax.jit.
-    graphdef, stacked = nnx.split(self.layers)
-
-    def layer_step(layer_state, h):
-      return nnx.merge(graphdef, layer_state)(h, mask_bias, shared_bias, buckets)
-
-    if cfg.remat:  # recompute activations in the backward pass (fine-tuning large encoders)
-      layer_step = jax.checkpoint(layer_step)
-    if cfg.scan_layers:
-      h, _ = jax.lax.scan(lambda h, s: (layer_step(s, h), None), h, stacked)
-    else:
-      for i in range(cfg.num_layers):
-        h = layer_step(jax.tree.map(lambda x: x[i], stacked), h)
+    # remat: recompute activations in the backward pass (fine-tuning large encoders).
+    layer = lambda block, h, _: (block(h, mask_bias, shared_bias, buckets), None)
+    h, _ = stack.run_stacked(self.layers, layer, h, scan=cfg.scan_layers,
+                             remat="block" if cfg.remat else "none")
     return self.final_norm(h)
 
 

@@ -45,6 +45,7 @@ device, so donating the state buffers to the next train step is safe.
 import json
 import logging
 import os
+import re
 import signal
 from typing import Any
 
@@ -104,6 +105,34 @@ def _short(error: Exception, limit: int = 600) -> str:
   """The gist of an orbax/tensorstore error (their messages append kilobytes of specs)."""
   text = f"{type(error).__name__}: {error}".split(" [tensorstore_spec")[0]
   return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# Layer layouts. Before the scanned layers (commits up to 8e9ee51), the U-Nets kept one
+# module per block (`params/down/0/conv1/...`, `down_attn/3/...`, `blocks/1/...`); now
+# identical blocks are stacked (`params/down/layers/block/conv1/...`, vdm/nets/stack.py).
+_UNSTACKED = re.compile(r"/(down|up|down_attn|up_attn|blocks)/\d+/")
+_STACKED = re.compile(r"/(layers|segments)/")
+
+
+def _paths(tree) -> list[str]:
+  key = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return ["/" + "/".join(key(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _layout_mismatch(saved_tree, target) -> str | None:
+  """Why a restore failed, if the saved state has the old per-block layer layout."""
+  saved, wanted = _paths(saved_tree), _paths(target)
+  if (not any(_STACKED.search(p) for p in wanted) or any(_STACKED.search(p) for p in saved)
+      or not any(_UNSTACKED.search(p) for p in saved)):
+    return None
+  example = next(p for p in saved if _UNSTACKED.search(p))
+  return (f"it was saved with the unstacked layer layout of vdiff before the scanned layers "
+          f"(commit 8e9ee51 and earlier: one module per block, e.g. '{example}'), but the "
+          "nets now stack identical blocks on a leading axis (e.g. "
+          "'/params/down/layers/block/conv1/kernel', vdm/nets/stack.py); "
+          "scan_layers=False uses the stacked layout too. Retrain in a fresh workdir, or "
+          "check out 8e9ee51 to sample, evaluate or distil from this checkpoint.")
 
 
 def _is_iterator(data_state) -> bool:
@@ -324,7 +353,11 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      raise self._error(step, _short(e)) from e
+      try:
+        layout = _layout_mismatch(self._manager.item_metadata(step)[_STATE], target)
+      except Exception:  # pylint: disable=broad-except
+        layout = None
+      raise self._error(step, layout or _short(e)) from e
     state = restored[_STATE]
     if _CHECKSUMS in present:
       self._verify(step, state, restored[_CHECKSUMS])

@@ -193,16 +193,19 @@ def test_residual_sum_is_scaled_by_inverse_sqrt2(model):
   scaled = eu.EfficientResBlock(4, 8, **args)
   nnx.update(scaled, nnx.state(plain, nnx.Param))
   np.testing.assert_allclose(run(scaled), run(plain) / np.sqrt(2.), rtol=1e-5, atol=1e-6)
-  # The network is built from these blocks only.
+  # The network is built from these blocks only. (A stack of n identical blocks is one
+  # module whose parameters have a leading [n] axis: it counts n times.)
   blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.ResBlock)]
-  assert len(blocks) == 2 * (1 + 2) and all(isinstance(b, eu.EfficientResBlock)
-                                            for b in blocks)
+  count = sum(b.conv1.kernel.shape[0] if b.conv1.kernel.ndim == 5 else 1 for b in blocks)
+  assert count == 2 * (1 + 2) and all(isinstance(b, eu.EfficientResBlock) for b in blocks)
 
 
-def test_downsampling_before_and_upsampling_after_the_level_blocks(model, monkeypatch):
+def test_downsampling_before_and_upsampling_after_the_level_blocks(monkeypatch):
   """Records the input shape of every ResBlock and attention layer in call order (shape
   only, under jax.eval_shape): level 1's blocks already see 8x8 on the way down, and on
-  the way up they still run at 8x8, the upsampling following them."""
+  the way up they still run at 8x8, the upsampling following them. Built with
+  scan_layers=False: a scanned stack traces its block body once for all its blocks."""
+  model = make(scan_layers=False)
   seen = []
   for cls in (eu.EfficientResBlock, layers.AttentionBlock, eu.CrossAttentionBlock):
     original = cls.__call__
@@ -258,8 +261,11 @@ def test_every_param_has_a_contract_partition_spec(fresh):
   assert flat.keys() == specs.keys()
   for path, var in flat.items():
     shape, spec = var.get_value().shape, tuple(specs[path].get_value())
-    names = [n for n in spec if n is not None]
     assert var.get_value().dtype == jnp.float32 and len(spec) == len(shape), path
+    if "layers" in path:  # a stacked block (vdm/nets/stack.py): leading axis unnamed
+      assert spec[0] is None, (path, spec)
+      spec, shape = spec[1:], shape[1:]
+    names = [n for n in spec if n is not None]
     assert set(names) <= set(layers.LOGICAL_AXES) and len(names) == len(set(names)), path
     if len(shape) == 4:
       assert spec == layers.CONV_KERNEL, path

@@ -22,6 +22,8 @@ def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
       guidance_embedding=False,       # the net also takes cond["guidance_w"] (distillation)
       unet_preset=unet_preset,        # imagen.efficient_unet presets
       unet_overrides=ml_collections.ConfigDict(),
+      scan_layers=True,               # ResBlock runs scanned over stacked parameters
+      remat="none",                   # none | block | dots (vdm/nets/stack.py)
       text_dim=text_dim,              # d_model of the T5 encoder
       parameterization="v",           # Imagen's defaults: v and cosine logsnr
       weighting="v_mse",

@@ -31,12 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
       schedule=ml_collections.ConfigDict(dict(
           name="learned_net", logsnr_min=-5.0, logsnr_max=13.3, pin_endpoints=False,
           n_features=1024, resolution=32, base=64, resolution_at_data=32)),
+      # scan_layers: identical blocks run by lax.scan over stacked parameters (one compiled
+      # block; False unrolls them, same parameters); remat: none | block | dots
+      # (vdm/nets/stack.py).
       score_unet=ml_collections.ConfigDict(dict(
           ch=128, n_layer=32, dropout=0.1, with_attention=False, fourier_min=6,
-          fourier_max=7)),
+          fourier_max=7, scan_layers=True, remat="none")),
       unet=ml_collections.ConfigDict(dict(
           ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-          dropout=0.1, num_heads=1)),
+          dropout=0.1, num_heads=1, scan_layers=True, remat="none")),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

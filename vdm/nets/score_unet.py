@@ -11,6 +11,12 @@ VDM uses for likelihood on CIFAR-10 (n_layer=32, 128 channels). Input conditioni
 With `base_measure=True` (eps-parameterization only) the output is z + h, h from a
 zero-initialised conv, so at initialisation eps-hat = z exactly, as in VDM's code.
 
+Scanned layers (vdm/nets/stack.py): the n_layer down blocks (each with its optional
+attention) are one `Stack` with parameters stacked on a leading [n_layer] axis, and the
+n_layer + 1 up blocks another, which consumes the skips in reverse as its scan inputs.
+`scan_layers` picks lax.scan or an unrolled loop over the same parameters; `remat` the
+recomputation policy. The middle blocks stay single modules.
+
 For distillation: `out_channels=2 * channels` serves the "both" parameterization (x_tilde
 and eps_tilde, Salimans & Ho 2022 sec. 4; `process.predict`), and `guidance_embedding=True`
 adds an embedding of cond["guidance_w"] to the time embedding (`layers.GuidanceEmbedding`,
@@ -21,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets import layers
+from vdm.nets import layers, stack
+from vdm.nets.unet import ResAttention
 
 
 class ScoreUNet(nnx.Module):
@@ -46,6 +53,9 @@ class ScoreUNet(nnx.Module):
     base_measure: return z + net(z) (eps-parameterization only; needs out_channels = C).
     guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
       embedding (zero at init) is added to the time embedding.
+    scan_layers: run the down and up stacks with jax.lax.scan (one compiled block) rather
+      than an unrolled loop; same parameters, values and gradients either way.
+    remat: "none" | "block" | "dots": activation recomputation per block (stack.py).
     dtype: compute dtype (params stay float32; norms and embeddings are float32).
   """
 
@@ -55,7 +65,8 @@ class ScoreUNet(nnx.Module):
                gamma_min: float = -13.3, gamma_max: float = 5.0,
                num_classes: int | None = None, base_measure: bool = True,
                out_channels: int | None = None, guidance_embedding: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               scan_layers: bool = True, remat: str = "none", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if gamma_max <= gamma_min:
       raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
     if n_layer < 0:
@@ -78,17 +89,19 @@ class ScoreUNet(nnx.Module):
     in_ch = channels * (1 + 2 * len(self.exponents))
     self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
 
-    block = lambda cin: layers.ResBlock(cin, ch, emb_dim, dropout=dropout, dtype=dtype,
-                                        rngs=rngs)
-    attn = lambda: (layers.AttentionBlock(ch, num_heads=num_heads, dtype=dtype, rngs=rngs)
-                    if with_attention else None)
-    self.down = nnx.List([block(ch) for _ in range(n_layer)])
-    self.down_attn = nnx.List([attn() for _ in range(n_layer)])
-    self.mid1 = block(ch)
+    block = lambda cin, r: layers.ResBlock(cin, ch, emb_dim, dropout=dropout, dtype=dtype,
+                                           rngs=r)
+    unit = lambda cin: lambda r: ResAttention(
+        block(cin, r), layers.AttentionBlock(ch, num_heads=num_heads, dtype=dtype, rngs=r)
+        if with_attention else None)
+    scan = dict(scan=scan_layers, remat=stack.check_remat(remat), rngs=rngs)
+    self.n_layer = n_layer
+    self.down = stack.Stack(unit(ch), n_layer, **scan) if n_layer else None
+    self.mid1 = block(ch, rngs)
     self.mid_attn = layers.AttentionBlock(ch, num_heads=num_heads, dtype=dtype, rngs=rngs)
-    self.mid2 = block(ch)
-    self.up = nnx.List([block(2 * ch) for _ in range(n_layer + 1)])
-    self.up_attn = nnx.List([attn() for _ in range(n_layer + 1)])
+    self.mid2 = block(ch, rngs)
+    # Up blocks see the concatenation of the running state and a skip: 2 ch inputs.
+    self.up = stack.Stack(unit(2 * ch), n_layer + 1, **scan)
     self.norm_out = layers.GroupNorm(ch, rngs=rngs)
     self.conv_out = layers.conv(ch, out_channels, zero_init=True, dtype=dtype, rngs=rngs)
     # Created last, so that the other weights do not depend on this flag at a given seed.
@@ -118,22 +131,29 @@ class ScoreUNet(nnx.Module):
     h = z
     if self.exponents:
       h = jnp.concatenate([z, layers.fourier_features(z, self.exponents)], axis=-1)
-    n_blocks = len(self.down) + 2 + len(self.up)
-    keys = iter(layers.split_key(dropout_key, n_blocks))
+    # One dropout key per block, in the order down, mid1, mid2, up (scan inputs per stack).
+    n = self.n_layer
+    keys = stack.block_keys(dropout_key, 2 * n + 3)
+    down_keys, mid_keys, up_keys = (None, (None, None), None) if keys is None else (
+        keys[:n], keys[n:n + 2], keys[n + 2:])
 
-    hs = [self.conv_in(h.astype(self.dtype))]
-    for block, attn in zip(self.down, self.down_attn):
-      h = block(hs[-1], emb, dropout_key=next(keys))
-      hs.append(h if attn is None else attn(h))
+    h = self.conv_in(h.astype(self.dtype))
+    skips = h[None]                                     # [1 + n_layer, B, H, W, ch]
+    if self.down is not None:
+      def down(unit, h, key):  # the output runs on and is kept as a skip
+        h = unit(h, emb, key)
+        return h, h
 
-    h = self.mid1(hs[-1], emb, dropout_key=next(keys))
+      h, ys = self.down(down, h, down_keys)
+      skips = jnp.concatenate([skips, ys])
+
+    h = self.mid1(h, emb, dropout_key=mid_keys[0])
     h = self.mid_attn(h)
-    h = self.mid2(h, emb, dropout_key=next(keys))
+    h = self.mid2(h, emb, dropout_key=mid_keys[1])
 
-    for block, attn in zip(self.up, self.up_attn):
-      h = block(jnp.concatenate([h, hs.pop()], axis=-1), emb, dropout_key=next(keys))
-      h = h if attn is None else attn(h)
-    assert not hs
+    # The up blocks take the skips last-in first-out: scan over them reversed.
+    up = lambda unit, h, x: (unit(jnp.concatenate([h, x[0]], axis=-1), emb, x[1]), None)
+    h, _ = self.up(up, h, (skips[::-1], up_keys))
 
     h = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
     return z + h if self.base_measure else h

@@ -17,6 +17,13 @@ per level, each consuming one skip by concatenation, and an Upsample except at l
 GroupNorm, swish, zero-initialised conv_out. The blocks live in `layers` so Imagen's
 Efficient U-Net can reuse them.
 
+Scanned layers (vdm/nets/stack.py): each level's down blocks and each level's up blocks
+are a `stack.Chain` in which consecutive blocks of identical shape (input, skip and output
+channels, attention or not) share one stacked, scanned `Stack`; a block whose neighbours
+differ (the first down block of a level that changes the width, the up blocks that take
+the previous level's skip) stays a single module. `scan_layers` picks lax.scan or an
+unrolled loop over the same parameters; `remat` the recomputation policy.
+
 For distillation: `out_channels=2 * channels` serves the "both" parameterization (x_tilde
 and eps_tilde, Salimans & Ho 2022 sec. 4), and `guidance_embedding=True` adds an embedding
 of cond["guidance_w"] to emb (`layers.GuidanceEmbedding`, Meng et al. 2023 sec. 3.1).
@@ -28,12 +35,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets import layers
+from vdm.nets import layers, stack
 
 
 def logsnr_to_time(logsnr):
   """Inverse cosine schedule: t in [0, 1] with logsnr = -2 log tan(pi t / 2)."""
   return jnp.arctan(jnp.exp(-0.5 * jnp.clip(logsnr, -20., 20.))) / (0.5 * jnp.pi)
+
+
+class ResAttention(nnx.Module):
+  """A ResBlock followed by an optional self-attention block: one unit of a block stack."""
+
+  def __init__(self, block: layers.ResBlock, attn: layers.AttentionBlock | None):
+    self.block, self.attn = block, attn
+
+  def __call__(self, x, emb, dropout_key=None):
+    h = self.block(x, emb, dropout_key=dropout_key)
+    return h if self.attn is None else self.attn(h)
 
 
 class UNet(nnx.Module):
@@ -58,6 +76,9 @@ class UNet(nnx.Module):
     cond_dim: if set, cond["vector"] ([B, cond_dim]) is projected and added to emb.
     guidance_embedding: if True, cond["guidance_w"] (float [B]) is required and its
       embedding (zero at init) is added to emb.
+    scan_layers: run runs of identical blocks with jax.lax.scan rather than an unrolled
+      loop; same parameters, values and gradients either way.
+    remat: "none" | "block" | "dots": activation recomputation per block (stack.py).
     dtype: compute dtype (params float32; norms and embeddings float32).
   """
 
@@ -67,7 +88,8 @@ class UNet(nnx.Module):
                dropout: float = 0.0, emb_ch: int | None = None, adaptive_norm: bool = True,
                resample_with_conv: bool = True, num_classes: int | None = None,
                cond_dim: int | None = None, out_channels: int | None = None,
-               guidance_embedding: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               guidance_embedding: bool = False, scan_layers: bool = True,
+               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
       raise ValueError(f"image_size={image_size} must be divisible by 2^(len(ch_mult)-1)="
@@ -76,12 +98,18 @@ class UNet(nnx.Module):
     self.out_channels = channels if out_channels is None else out_channels
     self.levels = levels
     emb_ch = 4 * ch if emb_ch is None else emb_ch
-    block = lambda cin, cout: layers.ResBlock(cin, cout, emb_ch, dropout=dropout,
-                                              adaptive_norm=adaptive_norm, dtype=dtype,
-                                              rngs=rngs)
-    attn = lambda c, size: (layers.AttentionBlock(c, num_heads=num_heads, dtype=dtype,
-                                                  rngs=rngs)
-                            if size in attn_resolutions else None)
+    block = lambda cin, cout, r: layers.ResBlock(cin, cout, emb_ch, dropout=dropout,
+                                                 adaptive_norm=adaptive_norm, dtype=dtype,
+                                                 rngs=r)
+
+    def unit(spec, r):
+      """spec = (running channels, skip channels, out channels, with attention)."""
+      cur, skip, cout, with_attn = spec
+      return ResAttention(block(cur + skip, cout, r), layers.AttentionBlock(
+          cout, num_heads=num_heads, dtype=dtype, rngs=r) if with_attn else None)
+
+    chain = lambda specs: stack.Chain(unit, specs, scan=scan_layers, remat=remat, rngs=rngs)
+    stack.check_remat(remat)
 
     self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
     self.class_emb = (layers.ClassEmbedding(num_classes, emb_ch, rngs=rngs)
@@ -93,39 +121,39 @@ class UNet(nnx.Module):
     # Down path: record the channel count of every skip it produces.
     self.conv_in = layers.conv(channels, ch, dtype=dtype, rngs=rngs)
     skip_ch, cur, size = [ch], ch, image_size
-    down_blocks, down_attn, downsamples = [], [], []
+    down, downsamples = [], []
     for level, mult in enumerate(ch_mult):
+      specs = []
       for _ in range(num_res_blocks):
-        down_blocks.append(block(cur, ch * mult))
+        specs.append((cur, 0, ch * mult, size in attn_resolutions))
         cur = ch * mult
-        down_attn.append(attn(cur, size))
         skip_ch.append(cur)
+      down.append(chain(specs))
       if level != levels - 1:
         downsamples.append(layers.Downsample(cur, with_conv=resample_with_conv, dtype=dtype,
                                              rngs=rngs))
         skip_ch.append(cur)
         size //= 2
-    self.down = nnx.List(down_blocks)
-    self.down_attn = nnx.List(down_attn)
+    self.down = nnx.List(down)                       # one Chain per level
     self.downsample = nnx.List(downsamples)
 
-    self.mid1 = block(cur, cur)
+    self.mid1 = block(cur, cur, rngs)
     self.mid_attn = layers.AttentionBlock(cur, num_heads=num_heads, dtype=dtype, rngs=rngs)
-    self.mid2 = block(cur, cur)
+    self.mid2 = block(cur, cur, rngs)
 
-    up_blocks, up_attn, upsamples = [], [], []
+    up, upsamples = [], []
     for level in reversed(range(levels)):
+      specs = []
       for _ in range(num_res_blocks + 1):
-        up_blocks.append(block(cur + skip_ch.pop(), ch * ch_mult[level]))
+        specs.append((cur, skip_ch.pop(), ch * ch_mult[level], size in attn_resolutions))
         cur = ch * ch_mult[level]
-        up_attn.append(attn(cur, size))
+      up.append(chain(specs))
       if level != 0:
         upsamples.append(layers.Upsample(cur, with_conv=resample_with_conv, dtype=dtype,
                                          rngs=rngs))
         size *= 2
     assert not skip_ch
-    self.up = nnx.List(up_blocks)
-    self.up_attn = nnx.List(up_attn)
+    self.up = nnx.List(up)                           # one Chain per level, lowest first
     self.upsample = nnx.List(upsamples)
     self.num_res_blocks = num_res_blocks
 
@@ -167,30 +195,32 @@ class UNet(nnx.Module):
         ("guidance_w",) if self.guidance_emb is not None else ())
     cond = layers.check_cond_keys(cond, allowed, "UNet")
     emb = self.embedding(logsnr, cond)
-    keys = iter(layers.split_key(dropout_key, len(self.down) + 2 + len(self.up)))
+    # One dropout key per ResBlock, in the order down, mid1, mid2, up.
+    n_down, n_up = (sum(len(c) for c in chains) for chains in (self.down, self.up))
+    keys = iter(layers.split_key(dropout_key, n_down + 2 + n_up))
+    take = lambda n: [next(keys) for _ in range(n)]
+
+    def down(unit, h, key):  # the output runs on and is kept as a skip
+      h = unit(h, emb, key)
+      return h, h
 
     hs = [self.conv_in(z.astype(self.dtype))]
-    blocks, attns = iter(zip(self.down, self.down_attn)), iter(self.downsample)
-    for level in range(self.levels):
-      for _ in range(self.num_res_blocks):
-        block, attn = next(blocks)
-        h = block(hs[-1], emb, dropout_key=next(keys))
-        hs.append(h if attn is None else attn(h))
+    for level, chain in enumerate(self.down):
+      h, ys = chain(down, hs[-1], take(len(chain)))
+      hs += ys
       if level != self.levels - 1:
-        hs.append(next(attns)(hs[-1]))
+        hs.append(self.downsample[level](hs[-1]))
 
     h = self.mid1(hs[-1], emb, dropout_key=next(keys))
     h = self.mid_attn(h)
     h = self.mid2(h, emb, dropout_key=next(keys))
 
-    blocks, ups = iter(zip(self.up, self.up_attn)), iter(self.upsample)
-    for level in reversed(range(self.levels)):
-      for _ in range(self.num_res_blocks + 1):
-        block, attn = next(blocks)
-        h = block(jnp.concatenate([h, hs.pop()], axis=-1), emb, dropout_key=next(keys))
-        h = h if attn is None else attn(h)
-      if level != 0:
-        h = next(ups)(h)
+    up = lambda unit, h, x: (unit(jnp.concatenate([h, x[0]], axis=-1), emb, x[1]), None)
+    for i, chain in enumerate(self.up):
+      skips = [hs.pop() for _ in range(len(chain))]
+      h, _ = chain(up, h, list(zip(skips, take(len(chain)))))
+      if i != self.levels - 1:
+        h = self.upsample[i](h)
     assert not hs
 
     return self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
