@@ -366,6 +366,46 @@ class Checkpointer:
                       step)
     return state, self._data_state(step, restored, present, data_iterator)
 
+  def restore_items(self, abstract_state, items, step: int | None = None) -> dict:
+    """Restores only the top-level `items` of the state (e.g. ("ema",): a distillation
+    teacher, a sampler), so the optimizer state is never read into memory. Returns {item:
+    value} shaped as in `abstract_state`; checksums are verified for what is restored."""
+    step = self._resolve_step(step)
+    wanted = {k: _as_abstract(abstract_state[k]) for k in items}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(wanted)
+    nested = {}   # orbax's view of the same leaves: a dict nest keyed by path names
+    for path, leaf in leaves:
+      node = nested
+      names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+      for name in names[:-1]:
+        node = node.setdefault(name, {})
+      node[names[-1]] = leaf
+    directory = self.step_dir(step)
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(directory / _STATE, args=ocp.args.PyTreeRestore(
+          nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
+          partial_restore=True))
+      values = [restored]
+      for path, _ in leaves:
+        node = restored
+        for k in path:
+          node = node[str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))]
+        values.append(node)
+      checksums = directory / _CHECKSUMS / "metadata"
+      saved = json.loads(checksums.read_text()) if checksums.exists() else None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error(step, _short(e)) from e
+    missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values[1:])
+               if isinstance(v, jax.ShapeDtypeStruct)]
+    if missing:   # a partial restore leaves what the checkpoint lacks as it was given
+      raise self._error(step, f"{len(missing)} arrays of the model are not in the checkpoint "
+                              f"(a different architecture or parameter layout), e.g. "
+                              f"{missing[:3]}")
+    state = jax.tree_util.tree_unflatten(treedef, values[1:])
+    if saved is not None:
+      self._verify(step, state, saved)
+    return state
+
   def _verify(self, step: int, state, saved: dict):
     """Compares fingerprints of the restored leaves with those written at save time."""
     restored = state_fingerprints(state)

@@ -54,6 +54,15 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
   """(setup, state, checkpointer) of a trained workdir, rebuilt from the config saved beside
   its checkpoint (on a mesh of `devices`, default all); `overrides` ({"eval.sampler":
   "ancestral", ...}) change that config first."""
+  setup, ckpt = _setup_of_workdir(workdir, step, overrides, devices, with_frozen)
+  state, _ = ckpt.restore(setup.abstract_state, step)
+  return setup, state, ckpt
+
+
+def _setup_of_workdir(workdir, step, overrides, devices, with_frozen):
+  """(setup, checkpointer) of a trained workdir: the config saved beside its checkpoint,
+  completed with the family's defaults and then the overrides, built on a mesh of
+  `devices`; nothing restored yet."""
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
@@ -72,17 +81,17 @@ def load_workdir(workdir: str, step: int | None = None, overrides: dict | None =
         node = node[name]
       node[leaf] = value
   frozen = frozen_module(config) if with_frozen else None
-  setup = setup_lib.build(config, devices, workdir=workdir, frozen_module=frozen)
-  state, _ = ckpt.restore(setup.abstract_state, step)
-  return setup, state, ckpt
+  return setup_lib.build(config, devices, workdir=workdir, frozen_module=frozen), ckpt
 
 
-def load_ema_model(workdir: str, step: int | None = None):
+def load_ema_model(workdir: str, step: int | None = None, devices=None):
   """(the EMA model of a trained workdir, its config): a distillation teacher, a cascade
-  stage. A distillation workdir's own teacher is not loaded (no chain of loads)."""
-  setup, state, ckpt = load_workdir(workdir, step, with_frozen=False)
+  stage. Weights only: the optimizer state (twice the parameters, for Adam) is never read,
+  and a distillation workdir's own teacher is not loaded (no chain of loads)."""
+  setup, ckpt = _setup_of_workdir(workdir, step, None, devices, with_frozen=False)
+  ema = ckpt.restore_items(setup.abstract_state, ("ema",), step)["ema"]
   ckpt.close()
-  return nnx.merge(setup.graphdef, state["ema"]), setup.config
+  return nnx.merge(setup.graphdef, ema), setup.config
 
 
 def frozen_module(config):

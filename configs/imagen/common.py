@@ -84,8 +84,10 @@ def paper_stage(*, resolution: int, lowres_size: int, unet_preset: str, crop_siz
   c.data.update(dict(name="coco_captions", train_split="train", eval_split="val",
                      image_size=1024 if crop_size else resolution, t5="hf:/models/t5-v1_1-xxl",
                      max_length=128, worker_count=8))
-  c.optim.update(dict(lr=1e-4, warmup_steps=10_000, decay="constant", b2=0.999,
-                      weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999))
+  # Imagen (training details): Adafactor for the 2B base model, Adam for the SR models.
+  c.optim.update(dict(name="adamw" if lowres_size else "adafactor", lr=1e-4,
+                      warmup_steps=10_000, decay="constant", b2=0.999, weight_decay=0.0,
+                      grad_clip=1.0, ema_decay=0.9999))
   c.train.update(dict(batch_size=2048, num_steps=2_500_000, compute_dtype="bfloat16",
                       log_every=100, eval_every=0, sample_every=10_000,
                       checkpoint_every=5_000))

@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",                   # or "adafactor" (factored second moments, less memory)
       lr=2e-4, warmup_steps=100, decay="constant", b1=0.9, b2=0.99, eps=1e-8,
       weight_decay=0.01, grad_clip=1.0, ema_decay=0.9999))
 
