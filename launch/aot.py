@@ -296,7 +296,13 @@ def main(argv):
   topology = topologies.get_topology_desc(topology_name=_TOPOLOGY.value, platform="tpu",
                                           num_slices=_NUM_SLICES.value)
   config = train_config(_CONFIG.value, _TEACHER_CONFIG.value)
-  out = report(config, topology.devices, _DATA.value, _SAMPLE.value)
+  try:
+    out = report(config, topology.devices, _DATA.value, _SAMPLE.value)
+  except jax.errors.JaxRuntimeError as e:   # XLA refuses programs that cannot fit at all
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print(f"DOES NOT FIT on {_TOPOLOGY.value}: {str(e).splitlines()[0]}\nTry: {advice(config)}")
+    sys.exit(1)
   out["topology"], out["num_slices"] = _TOPOLOGY.value, _NUM_SLICES.value
   print(describe(out))
   ok = fits(out)
