@@ -114,9 +114,13 @@ _UNSTACKED = re.compile(r"/(down|up|down_attn|up_attn|blocks)/\d+/")
 _STACKED = re.compile(r"/(layers|segments)/")
 
 
+def _names(path) -> list[str]:
+  """A pytree path as the names orbax stores it under (dict keys, attribute names, indices)."""
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
 def _paths(tree) -> list[str]:
-  key = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-  return ["/" + "/".join(key(k) for k in path)
+  return ["/" + "/".join(_names(path))
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -375,33 +379,33 @@ class Checkpointer:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(wanted)
     nested = {}   # orbax's view of the same leaves: a dict nest keyed by path names
     for path, leaf in leaves:
+      *parents, name = _names(path)
       node = nested
-      names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-      for name in names[:-1]:
-        node = node.setdefault(name, {})
-      node[names[-1]] = leaf
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[name] = leaf
     directory = self.step_dir(step)
     try:
       restored = ocp.PyTreeCheckpointer().restore(directory / _STATE, args=ocp.args.PyTreeRestore(
           nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
           partial_restore=True))
-      values = [restored]
+      values = []
       for path, _ in leaves:
         node = restored
-        for k in path:
-          node = node[str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))]
+        for name in _names(path):
+          node = node[name]
         values.append(node)
       checksums = directory / _CHECKSUMS / "metadata"
       saved = json.loads(checksums.read_text()) if checksums.exists() else None
     except Exception as e:  # pylint: disable=broad-except
       raise self._error(step, _short(e)) from e
-    missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values[1:])
+    missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values)
                if isinstance(v, jax.ShapeDtypeStruct)]
     if missing:   # a partial restore leaves what the checkpoint lacks as it was given
       raise self._error(step, f"{len(missing)} arrays of the model are not in the checkpoint "
                               f"(a different architecture or parameter layout), e.g. "
                               f"{missing[:3]}")
-    state = jax.tree_util.tree_unflatten(treedef, values[1:])
+    state = jax.tree_util.tree_unflatten(treedef, values)
     if saved is not None:
       self._verify(step, state, saved)
     return state
