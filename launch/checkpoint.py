@@ -107,9 +107,8 @@ def _short(error: Exception, limit: int = 600) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
-# Layer layouts. Before the scanned layers (commits up to 8e9ee51), the U-Nets kept one
-# module per block (`params/down/0/conv1/...`, `down_attn/3/...`, `blocks/1/...`); now
-# identical blocks are stacked (`params/down/layers/block/conv1/...`, vdm/nets/stack.py).
+# Layer layouts: up to 8e9ee51 one module per block (`params/down/0/conv1/...`); now identical
+# blocks are stacked (`params/down/layers/block/conv1/...`, vdm/nets/stack.py).
 _UNSTACKED = re.compile(r"/(down|up|down_attn|up_attn|blocks)/\d+/")
 _STACKED = re.compile(r"/(layers|segments)/")
 
@@ -120,8 +119,7 @@ def _names(path) -> list[str]:
 
 
 def _paths(tree) -> list[str]:
-  return ["/" + "/".join(_names(path))
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return ["/" + "/".join(_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _layout_mismatch(saved_tree, target) -> str | None:
