@@ -198,10 +198,12 @@ class Checkpointer:
     Call from the main thread. Under multi-process JAX (`jax.distributed.initialize`),
     JAX's preemption service already catches SIGTERM and agrees on a step across all
     processes (see `preemption_requested`); a Python handler would replace it and let
-    one process save alone, so none is installed there.
+    one process save alone, so none is installed there (tests/test_multiprocess_preemption.py).
     """
     if jax.process_count() > 1:
-      logging.info("Multi-process run: SIGTERM is left to JAX's preemption service.")
+      if not jax.config.jax_enable_preemption_service:
+        logging.warning("jax_enable_preemption_service=False: SIGTERM will end this "
+                        "multi-process run without a checkpoint (leave it True to save).")
       return
 
     def on_sigterm(signum, frame):
