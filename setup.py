@@ -27,13 +27,16 @@ setup(
         "sentencepiece==0.2.3",
         "absl-py==2.5.1",
         "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (evaluation/clip_tokenizer.py)
+        "gcsfs==2026.10.1",           # gs:// paths through etils.epath (launch/fs.py)
+        "google-cloud-storage==3.17.1",  # tensorboardX's gs:// event writer
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).
         # transformers: the PyTorch T5 encoder and tokenizer our T5 is checked against.
         # libtpu: `launch.aot` and its test compile for TPU slices on a CPU-only machine.
+        # gcp-storage-emulator: a local GCS API for the gs:// tests (tests/gcs_emulator.py).
         "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0",
-                 "libtpu==0.0.42.1"],
+                 "libtpu==0.0.42.1", "gcp-storage-emulator==2026.7.19"],
         # On a Cloud TPU VM, or anywhere for ahead-of-time compilation (python -m launch.aot).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
         # NVIDIA GPUs (CUDA 12 wheels from the package index, no local CUDA install needed).

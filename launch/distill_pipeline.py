@@ -5,7 +5,6 @@ its workdir.
 """
 
 import json
-import os
 import time
 
 import jax
@@ -16,7 +15,7 @@ from flax import nnx
 from distill import experiment
 from evaluation import digits_classifier, inception
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed, images, trainer
+from launch import config_flags, distributed, fs, images, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 
@@ -59,7 +58,7 @@ def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_t
   c.eval.sample_steps = stage["steps"]
   c.model.guidance_embedding = teacher_w or d.guided
   if base_family == "imagen" and not c.data.text_cache:
-    c.data.text_cache = os.path.join(original_teacher, "text_cache")  # encoded once
+    c.data.text_cache = fs.join(original_teacher, "text_cache")  # encoded once
   c.distill = dict(
       kind=stage["kind"], base_family=base_family, teacher=teacher_dir,
       teacher_step=d.teacher_step if teacher_dir == original_teacher else 0,
@@ -163,7 +162,7 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
   samples, report = sample_quality(setup, state["ema"], num, stage["steps"], dcfg.seed,
                                    dcfg.distill.fid_weights)
   sample_seconds = time.perf_counter() - start
-  png = os.path.join(workdir, f"samples_{stage['steps']}steps.png")
+  png = fs.join(workdir, f"samples_{stage['steps']}steps.png")
   if distributed.is_main_process():
     images.write_grid(png, samples, setup.source.num_levels)
   row = {"stage": stage["dir"], "kind": stage["kind"], "student_steps": stage["steps"],
@@ -196,7 +195,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
   devices (default all)."""
   if dcfg.distill.fid_weights:   # fail now, not after the first stage has trained
     inception.check_inception_file(dcfg.distill.fid_weights)
-  teacher = os.path.abspath(teacher)
+  teacher, workdir = fs.join(teacher), fs.join(workdir)   # absolute; gs:// kept
   teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
   if teacher_ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {teacher}/checkpoints: train the teacher first "
@@ -215,11 +214,10 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
                               dcfg.distill.allow_eps_teacher)
   rows, previous, cache = [], teacher, {}
   for stage in stages:
-    stage_dir = os.path.join(workdir, stage["dir"])
-    summary_path = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(summary_path):
-      with open(summary_path, encoding="utf-8") as f:
-        rows.append(json.load(f))
+    stage_dir = fs.join(workdir, stage["dir"])
+    summary_path = fs.path(stage_dir) / "summary.json"
+    if summary_path.exists():
+      rows.append(json.loads(summary_path.read_text(encoding="utf-8")))
       logging.info("Stage %s done already: %s", stage["dir"], rows[-1])
       previous = stage_dir
       continue
@@ -237,9 +235,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
     row = summarize(stage, stage_dir, dcfg, teacher, cache, time.perf_counter() - start,
                     devices)
     if distributed.is_main_process():
-      with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(row, f, indent=1)
-      os.replace(summary_path + ".tmp", summary_path)
+      fs.write_atomic(summary_path, json.dumps(row, indent=1))
     logging.info("Stage %s summary: %s", stage["dir"], row)
     rows.append(row)
     previous = stage_dir
@@ -249,6 +245,6 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
         teacher, int(dcfg.distill.eval_samples), reference["student_steps"], dcfg, cache,
         devices).items()})
   if distributed.is_main_process():
-    with open(os.path.join(workdir, "summary.jsonl"), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in [reference] + rows)
+    fs.write_atomic(fs.path(workdir) / "summary.jsonl",
+                    "".join(json.dumps(r) + "\n" for r in [reference] + rows))
   return rows

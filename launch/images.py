@@ -1,10 +1,13 @@
 """Sample grids as PNG files, so a person can look at what a model makes."""
 
+import io
 import math
 import os
 
 import numpy as np
 from PIL import Image
+
+from launch import fs
 
 
 def to_uint8(images, num_levels: int) -> np.ndarray:
@@ -30,12 +33,13 @@ def make_grid(images: np.ndarray, num_levels: int, *, columns: int | None = None
   return grid
 
 
-def write_grid(path: str, images, num_levels: int, *, columns: int | None = None,
+def write_grid(path, images, num_levels: int, *, columns: int | None = None,
                scale: int | None = None) -> str:
   """Writes a PNG grid; small images are enlarged (nearest) to about 64 px per cell."""
   images = np.asarray(images)
   scale = scale or max(1, 64 // images.shape[1])
   grid = make_grid(images, num_levels, columns=columns, scale=scale)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+  fs.write_atomic(path, buffer.getvalue())   # local or gs://
+  return os.fspath(path)

@@ -13,11 +13,12 @@ import jax
 import numpy as np
 
 from launch import flops as flops_lib
+from launch import fs
 
 
 class _QuietLibraries(logging.Filter):
   """Drops INFO chatter of orbax/tensorstore/grain (one line per file written) from the log."""
-  NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/")
+  NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/", "/gcsfs/", "/fsspec/")
 
   def filter(self, record):
     return record.levelno >= logging.WARNING or not any(
@@ -35,45 +36,80 @@ def setup_logging():
 
 
 class MetricWriter:
-  """Appends {"step": s, **metrics} lines to workdir/metrics.jsonl and TensorBoard scalars."""
+  """{"step": s, **metrics} lines in workdir/metrics.jsonl, and TensorBoard scalars.
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  A resumed run passes the step it resumed from: rows of later steps, written by the run
+  that stopped and about to be re-run, are dropped, so each step is in the file once.
+  Locally each row is appended and flushed. GCS has no append: the whole file is rewritten
+  (one upload) at most every `flush_seconds` and on close, so a crash loses at most the rows
+  of those last seconds. TensorBoard events are flushed on the same clock.
+  """
+
+  def __init__(self, workdir, *, resume_step: int = 0, enabled: bool | None = None,
+               flush_seconds: float = 30.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:   # TensorBoard is optional; the JSONL file is always written.
-        self._tb = None
+    if not self.enabled:
+      return
+    self.path = fs.path(workdir) / "metrics.jsonl"
+    self._remote = fs.is_remote(self.path)
+    self._flush_seconds, self._last_flush = flush_seconds, time.monotonic()
+    existing = _lines(self.path)
+    kept = [line for line in existing if json.loads(line).get("step", 0) <= resume_step]
+    self._rows = kept if self._remote else None
+    if len(kept) != len(existing) or not self.path.exists():
+      fs.write_atomic(self.path, "".join(line + "\n" for line in kept))
+    self._jsonl = None if self._remote else self.path.open("a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.fspath(self.path.parent / "tensorboard"),
+                               flush_secs=int(flush_seconds))
+    except ImportError:   # TensorBoard is optional; the JSONL file is always written.
+      self._tb = None
 
   def write(self, step: int, metrics: dict, prefix: str = ""):
     if not self.enabled:
       return
     values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **values})
+    if self._remote:
+      self._rows.append(line)
+    else:
+      self._jsonl.write(line + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
+    if time.monotonic() - self._last_flush >= self._flush_seconds:
+      self.flush()
+
+  def flush(self):
+    if not self.enabled:
+      return
+    if self._remote:
+      fs.write_atomic(self.path, "".join(line + "\n" for line in self._rows))
+    if self._tb is not None:
       self._tb.flush()
+    self._last_flush = time.monotonic()
 
   def close(self):
     if self.enabled:
-      self._jsonl.close()
+      self.flush()
+      if self._jsonl is not None:
+        self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All records of workdir/metrics.jsonl (for tests, summaries and the README table)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def _lines(path) -> list[str]:
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(workdir) -> list[dict]:
+  """All records of workdir/metrics.jsonl (for tests, summaries and the README table)."""
+  return [json.loads(line) for line in _lines(fs.path(workdir) / "metrics.jsonl")]
 
 
 class Progress:

@@ -10,7 +10,6 @@ one would have.
 """
 
 import logging
-import os
 import time
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from launch import checkpoint as checkpoint_lib
 from launch import distributed, families, mesh as mesh_lib, metric_writer, train_state
 from launch import flops as flops_lib
+from launch import fs
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from launch.data import pipeline
@@ -113,11 +113,11 @@ def train(config, workdir: str, devices=None) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=cfg.checkpoint_every,
                                      keep=cfg.keep_checkpoints)
   ckpt.install_sigterm_handler()
-  writer = metric_writer.MetricWriter(workdir)
 
   # ----------------------------------------------------------------------------- state
   state = setup_lib.restore_or_init(setup, ckpt, data_iterator=data_iter)
   start_step = int(jax.device_get(state["step"]))
+  writer = metric_writer.MetricWriter(workdir, resume_step=start_step)  # drops re-run rows
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Parameters: %.2fM; starting at step %d of %d", num_params / 1e6, start_step,
                cfg.num_steps)
@@ -179,7 +179,7 @@ def train(config, workdir: str, devices=None) -> dict:
                                             num=config.eval.num_samples,
                                             num_steps=config.eval.sample_steps)
         workdir_lib.write_samples(setup, samples,
-                                  os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                                  fs.join(workdir, "samples", f"step_{step:08d}.png"))
       ckpt.save(step, state, data_state=data_iter, config=config,
                 force=step == cfg.num_steps)
       if ckpt.preemption_requested(step):

@@ -37,14 +37,14 @@ them into its shard (again .tmp, then rename) and deletes them.
 
 import json
 import logging
-import os
-import socket
 import threading
 
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from array_record.python import array_record_module
+
+from launch import fs
 
 FORMAT = "launch.encode_text/v1"  # the files' format name (kept: existing caches carry it)
 _WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access
@@ -59,22 +59,23 @@ def shard_name(split: str, process_index: int, process_count: int) -> str:
 
 
 def manifest_path(directory: str, split: str) -> str:
-  return os.path.join(directory, f"{split}-manifest.json")
+  return fs.join(directory, f"{split}-manifest.json")
 
 
 def _progress_path(directory, shard):
-  return os.path.join(directory, shard + ".progress.json")
+  return fs.join(directory, shard + ".progress.json")
 
 
 def _part_path(directory, shard, k):
-  return os.path.join(directory, f"{shard}.part-{k:05d}")
+  return fs.join(directory, f"{shard}.part-{k:05d}")
 
 
 def _write_json_atomic(path: str, value) -> None:
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique per process
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  fs.write_atomic(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def _read_json(path: str):
+  return json.loads(fs.path(path).read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------- records
@@ -122,9 +123,8 @@ def _manifest(source, split, captions_name, text_encoder, process_count) -> dict
 def _check_or_write_manifest(out_dir, split, manifest) -> None:
   """Writes the manifest, or checks that an existing one describes the same encoding."""
   path = manifest_path(out_dir, split)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      existing = json.load(f)
+  if fs.path(path).exists():
+    existing = _read_json(path)
     if existing != manifest:
       diff = {k: (existing.get(k), manifest.get(k)) for k in set(existing) | set(manifest)
               if existing.get(k) != manifest.get(k)}
@@ -156,22 +156,21 @@ def encode_split(source, out_dir: str, split: str, text_encoder, *,
   if len(source) and not isinstance(_caption(source, 0), str):
     raise ValueError(f"{source!r} has no captions (its examples lack a str 'caption'); use a "
                      "caption source (launch.data.captions.get_caption_source)")
-  os.makedirs(out_dir, exist_ok=True)
+  fs.path(out_dir).mkdir(parents=True, exist_ok=True)
   manifest = _manifest(source, split, captions_name, text_encoder, process_count)
   _check_or_write_manifest(out_dir, split, manifest)
   shard = shard_name(split, process_index, process_count)
-  shard_path = os.path.join(out_dir, shard)
+  shard_path = fs.join(out_dir, shard)
   indices = list(range(process_index, len(source), process_count))
   num_parts = -(-len(indices) // part_size)
   progress_path = _progress_path(out_dir, shard)
-  if os.path.exists(shard_path):
+  if fs.path(shard_path).exists():
     logging.info("%s is complete; nothing to do", shard_path)
     _remove_parts(out_dir, shard, num_parts)  # left over if a run stopped right after merging
     return shard_path
   done = 0
-  if os.path.exists(progress_path):
-    with open(progress_path, encoding="utf-8") as f:
-      progress = json.load(f)
+  if fs.path(progress_path).exists():
+    progress = _read_json(progress_path)
     if progress.get("part_size") != part_size:
       raise ValueError(f"{progress_path} was written with part_size="
                        f"{progress.get('part_size')}; resume with the same part_size")
@@ -197,38 +196,39 @@ def _caption(source, i: int) -> str:
 def _remove_parts(out_dir, shard, num_parts) -> None:
   for path in [_part_path(out_dir, shard, k) for k in range(num_parts)] + [
       _progress_path(out_dir, shard)]:
-    if os.path.exists(path):
-      os.remove(path)
+    fs.remove(path)
+
+
+# ArrayRecord writes local files only (its reader opens gs:// itself): each file is written
+# locally and moved to its place whole (fs.local_then_move), so a crash leaves no half file.
 
 
 def _write_part(source, indices, text_encoder, batch_size, path) -> None:
-  tmp = path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
-  try:
-    for start in range(0, len(indices), batch_size):
-      batch = indices[start:start + batch_size]
-      captions = [_caption(source, i) for i in batch]
-      emb, mask = text_encoder(captions + [""] * (batch_size - len(batch)))
-      bits = bf16_bits(emb)
-      for row, (i, caption) in enumerate(zip(batch, captions)):
-        writer.write(encode_record(i, bits[row], mask[row], caption))
-  finally:
-    writer.close()
-  os.replace(tmp, path)
+  with fs.local_then_move(path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    try:
+      for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        captions = [_caption(source, i) for i in batch]
+        emb, mask = text_encoder(captions + [""] * (batch_size - len(batch)))
+        bits = bf16_bits(emb)
+        for row, (i, caption) in enumerate(zip(batch, captions)):
+          writer.write(encode_record(i, bits[row], mask[row], caption))
+    finally:
+      writer.close()
 
 
 def _merge_parts(parts, shard_path) -> None:
-  tmp = shard_path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
-  try:
-    for part in parts:
-      reader = array_record_module.ArrayRecordReader(part)
-      for blob in reader.read_all():
-        writer.write(blob)
-      reader.close()
-  finally:
-    writer.close()
-  os.replace(tmp, shard_path)
+  with fs.local_then_move(shard_path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    try:
+      for part in parts:
+        reader = array_record_module.ArrayRecordReader(part)
+        for blob in reader.read_all():
+          writer.write(blob)
+        reader.close()
+    finally:
+      writer.close()
 
 
 # -------------------------------------------------------------------------------- reading
@@ -242,22 +242,21 @@ class EmbeddingCache:
   """
 
   def __init__(self, directory: str, split: str):
-    self.directory, self.split = os.fspath(directory), split
+    self.directory, self.split = fs.join(directory), split
     path = manifest_path(self.directory, split)
-    if not os.path.exists(path):
+    if not fs.path(path).exists():
       raise FileNotFoundError(
           f"no text-embedding cache for split {split!r} in {self.directory!r} (expected "
           f"{path}). Make it with: python -m launch.encode_text --captions <source> "
           f"--split {split} --out {self.directory}")
-    with open(path, encoding="utf-8") as f:
-      self.manifest = json.load(f)
+    self.manifest = _read_json(path)
     if self.manifest.get("format") != FORMAT:
       raise ValueError(f"{path} has format {self.manifest.get('format')!r}, expected "
                        f"{FORMAT!r}")
     self.process_count = self.manifest["process_count"]
     self.max_length, self.d_model = self.manifest["max_length"], self.manifest["d_model"]
     for p, name in enumerate(self.manifest["shards"]):
-      if not os.path.exists(os.path.join(self.directory, name)):
+      if not (fs.path(self.directory) / name).exists():
         raise FileNotFoundError(
             f"text-embedding cache {self.directory!r} split {split!r} is incomplete: shard "
             f"{name} is missing. Rerun launch.encode_text for process {p} of "
@@ -269,7 +268,7 @@ class EmbeddingCache:
     if self._readers[p] is None:
       with self._lock:
         if self._readers[p] is None:
-          path = os.path.join(self.directory, self.manifest["shards"][p])
+          path = fs.join(self.directory, self.manifest["shards"][p])
           reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
           if reader.num_records() != self.manifest["shard_counts"][p]:
             raise ValueError(f"{path} holds {reader.num_records()} records, the manifest "

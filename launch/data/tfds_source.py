@@ -21,6 +21,8 @@ import re
 
 import numpy as np
 
+from launch import fs
+
 ENV_VAR = "TFDS_DATA_DIR"
 KNOWN_DATASETS = ("cifar10", "downsampled_imagenet/32x32", "downsampled_imagenet/64x64")
 NUM_LEVELS = 256
@@ -75,19 +77,19 @@ def _prepared_dir(name: str, data_dir: str) -> str | None:
   several configs the name must say which ("coco_captions/2017").
   """
   def latest(root):
-    if not os.path.isdir(root):
+    if not root.is_dir():
       return None
-    versions = [v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v) and
-                os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
+    versions = [v.name for v in root.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", v.name)
+                and (v / "dataset_info.json").is_file()]
     if not versions:
       return None
-    return os.path.join(root, max(versions, key=lambda v: tuple(map(int, v.split(".")))))
+    return os.fspath(root / max(versions, key=lambda v: tuple(map(int, v.split(".")))))
 
-  root = os.path.join(data_dir, *name.split("/"))
+  root = fs.path(data_dir).joinpath(*name.split("/"))   # local or gs://
   found = latest(root)
-  if found or "/" in name or not os.path.isdir(root):
+  if found or "/" in name or not root.is_dir():
     return found
-  configs = {c: latest(os.path.join(root, c)) for c in sorted(os.listdir(root))}
+  configs = {c.name: latest(c) for c in sorted(root.iterdir())}
   configs = {c: d for c, d in configs.items() if d}
   if len(configs) > 1:
     raise ValueError(f"dataset {name!r} in {data_dir!r} has configs {sorted(configs)}: name "

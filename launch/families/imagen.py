@@ -3,12 +3,12 @@ captioned images and their T5 text either from an embedding cache or through the
 T5 encoder run inside the train step (config.data.text_source)."""
 
 import functools
-import os
 
 import jax
 
 from configs.imagen import common
 from imagen import experiment, text_conditioning
+from launch import fs
 from launch import text_encoder as text_encoder_lib
 from launch.data import captions, text_cache
 from launch.families.base import Family, compute_dtype
@@ -60,11 +60,11 @@ def _wrap_source(config, source, split, workdir):
   if config.data.text_source != "cache":
     raise ValueError(f"data.text_source must be 'cache' or 'encoder', got "
                      f"{config.data.text_source!r}")
-  cache_dir = config.data.text_cache or (os.path.join(workdir, "text_cache") if workdir else "")
+  cache_dir = config.data.text_cache or (fs.join(workdir, "text_cache") if workdir else "")
   if not cache_dir:
     raise ValueError("Imagen stages need text embeddings: set data.text_cache to a cache made "
                      "by `python -m launch.encode_text`, or pass a workdir to build one there")
-  if not os.path.exists(text_cache.manifest_path(cache_dir, split)):
+  if not fs.path(text_cache.manifest_path(cache_dir, split)).exists():
     encoder = text_encoder_lib.load_text_encoder(config.data.t5,
                                                  max_length=config.data.max_length)
     text_cache.encode_split(source, cache_dir, split, encoder, captions_name=config.data.name)
