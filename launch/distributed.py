@@ -182,3 +182,14 @@ def initialize():
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def _main():
+  """`python -m launch.distributed`: this process's plan and the devices JAX sees, without
+  starting the multi-host runtime (`tpu.sh install` prints it on every worker)."""
+  plan = start_plan(os.environ, tpu_slice())
+  print(f"{plan.reason}; {jax.local_device_count()} local devices, {jax.device_count()} in all")
+
+
+if __name__ == "__main__":
+  _main()

@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,13 +233,124 @@ def test_tpu_evaluate_sample_logs():
   assert assert_ssh_all(argv, worker="3").endswith("~/vdiff-logs/sample.log")
 
 
-def test_tpu_install_pins_the_jax_of_setup_py():
+def test_tpu_install_runs_the_worker_script_of_the_checkout():
   (argv,) = tpu("install")
   command = assert_ssh_all(argv)
-  pin = re.search(r'"jax==([0-9.]+)"', (REPO / "setup.py").read_text()).group(1)
-  assert f"pip install --quiet 'jax[tpu]=={pin}' -e ~/vdiff" in command
-  assert "--python 3.11" in command
-  assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+  assert command == "bash ~/vdiff/launch/scripts/tpu_vm_install.sh ~/vdiff-venv ~/vdiff"
+  (argv,) = tpu("install", BASE_PYTHON="/opt/py 3.11/bin/python3")
+  assert assert_ssh_all(argv) == f"BASE_PYTHON='/opt/py 3.11/bin/python3' {command}"
+  # The worker installs the checkout's `tpu` extra: the same jax as the main requirement.
+  setup = (REPO / "setup.py").read_text()
+  pin = re.search(r'"jax==([0-9.]+)"', setup).group(1)
+  assert re.search(r'"tpu": \["jax\[tpu\]==([0-9.]+)"', setup).group(1) == pin
+  assert "uv" not in re.findall(r"[a-z]+", (SCRIPTS / "tpu_vm_install.sh").read_text())
+
+
+# A stand-in for a TPU VM image: python3 of a given version (ensurepip present or not),
+# apt-get that can install python3.11 / pythonX.Y-venv (or has no python3.11), sudo, and a
+# non-root `id`. Every call is logged to $LOG, one line each.
+FAKE_PYTHON = """#!{bash}
+echo "${{0##*/}} $*" >> "$LOG"
+case "$1 $2" in
+  "-c import sys"*) echo {version} ;;
+  "-c import ensurepip"*) [ -e "$FAKE/venv-ok-{version}" ] ;;
+  "-m venv") mkdir -p "$3/bin"; printf '#!{bash}\necho "venv-python $*" >> "$LOG"\n' > "$3/bin/python"
+             chmod +x "$3/bin/python" ;;
+esac
+"""
+FAKE_APT = """#!{bash}
+echo "apt-get $*" >> "$LOG"
+[ "$3" = install ] || exit 0   # apt-get -o DPkg::Lock::Timeout=300 install -y -qq PACKAGES
+for package in "${{@:6}}"; do
+  case $package in
+    python3.11) [ "$APT_HAS_PYTHON311" = 1 ] || {{ echo "E: Unable to locate package python3.11" >&2; exit 100; }}
+                cp "$FAKE/python-3.11" "$FAKE/bin/python3.11" ;;
+    python*-venv) v=${{package#python}}; touch "$FAKE/venv-ok-${{v%-venv}}" ;;
+  esac
+done
+"""
+
+
+def fake_tpu_vm(tmp_path, python3="3.10", python3_venv=True, apt_python311=True):
+  """(env, home, log): a worker whose PATH holds only the fakes and the tools bash needs."""
+  fake, home = tmp_path / "fake", tmp_path / "home"
+  (fake / "bin").mkdir(parents=True)
+  (home / "vdiff" / "launch" / "scripts").mkdir(parents=True)
+  (home / "vdiff" / "setup.py").write_text("")
+  script = home / "vdiff" / "launch" / "scripts" / "tpu_vm_install.sh"
+  script.write_text((SCRIPTS / "tpu_vm_install.sh").read_text())
+  bash = shutil.which("bash")
+  for tool in ("bash", "mkdir", "chmod", "cp", "touch"):
+    os.symlink(shutil.which(tool), fake / "bin" / tool)
+  for version in ("3.10", "3.11", "3.12"):
+    (fake / f"python-{version}").write_text(FAKE_PYTHON.format(bash=bash, version=version))
+    (fake / f"python-{version}").chmod(0o755)
+  (fake / "bin" / "python3").write_text((fake / f"python-{python3}").read_text())
+  if python3_venv:
+    (fake / f"venv-ok-{python3}").touch()
+  (fake / "venv-ok-3.11").touch()   # python3.11-venv comes with python3.11 in the fake apt
+  stubs = {"apt-get": FAKE_APT.format(bash=bash),
+           "sudo": f'#!{bash}\necho "sudo $*" >> "$LOG"\nexec "$@"\n',
+           "id": f"#!{bash}\necho 1000\n", "hostname": f"#!{bash}\necho worker-0\n"}
+  for name, text in stubs.items():
+    (fake / "bin" / name).write_text(text)
+  for path in (fake / "bin").iterdir():
+    if not path.is_symlink():
+      path.chmod(0o755)
+  log = tmp_path / "calls.log"
+  env = {"PATH": str(fake / "bin"), "HOME": str(home), "FAKE": str(fake), "LOG": str(log),
+         "APT_HAS_PYTHON311": "1" if apt_python311 else "0"}
+  return env, home, log
+
+
+def install_on(env, check=True):
+  (argv,) = tpu("install")
+  result = remote(assert_ssh_all(argv), env, check=check)
+  log = pathlib.Path(env["LOG"])
+  return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_tpu_vm_install_on_ubuntu_2204_takes_python311_from_apt(tmp_path):
+  """The JAX images: python3 is 3.10, so python3.11 comes from the image's Ubuntu archive."""
+  env, home, _ = fake_tpu_vm(tmp_path, python3="3.10")
+  result, calls = install_on(env)
+  apt = [c for c in calls if c.startswith("apt-get")]
+  lock = "apt-get -o DPkg::Lock::Timeout=300"
+  assert apt == [f"{lock} update -qq", f"{lock} install -y -qq python3.11 python3.11-venv"]
+  assert all(f"sudo {c}" in calls for c in apt)   # not root on a TPU VM
+  venv = f"{home}/vdiff-venv"
+  assert f"python3.11 -m venv {venv}" in calls
+  assert calls[-3:-1] == ["venv-python -m pip install --quiet --upgrade pip",
+                          f"venv-python -m pip install --quiet -e {home}/vdiff[tpu]"]
+  assert calls[-1] == "venv-python -m launch.distributed"
+  assert "no Python >= 3.11 on this image" in result.stdout
+
+
+def test_tpu_vm_install_uses_a_recent_image_python_without_apt(tmp_path):
+  env, home, _ = fake_tpu_vm(tmp_path, python3="3.12")
+  _, calls = install_on(env)
+  assert not [c for c in calls if c.startswith(("apt-get", "sudo"))]
+  assert f"python3 -m venv {home}/vdiff-venv" in calls
+  # Without ensurepip (Debian's split python3.12-venv), apt adds just that package.
+  env, home, _ = fake_tpu_vm(tmp_path / "b", python3="3.12", python3_venv=False)
+  _, calls = install_on(env)
+  assert [c for c in calls if c.startswith("apt-get") and "install" in c] == [
+      "apt-get -o DPkg::Lock::Timeout=300 install -y -qq python3.12-venv"]
+  assert f"python3 -m venv {home}/vdiff-venv" in calls
+
+
+def test_tpu_vm_install_without_any_python311_is_a_clear_error(tmp_path):
+  env, _, _ = fake_tpu_vm(tmp_path, python3="3.10", apt_python311=False)
+  result, calls = install_on(env, check=False)
+  assert result.returncode != 0
+  assert "BASE_PYTHON=/path/to/python3.11" in result.stderr
+  assert "tpu-ubuntu2204-base" in result.stderr
+  assert not [c for c in calls if "venv" in c.split()[:3]]
+  # BASE_PYTHON is checked too: a 3.10 one is refused before anything is installed.
+  env, home, _ = fake_tpu_vm(tmp_path / "b", python3="3.10")
+  (argv,) = tpu("install", BASE_PYTHON=str(tmp_path / "b" / "fake" / "bin" / "python3"))
+  result = remote(assert_ssh_all(argv), env, check=False)
+  assert result.returncode != 0 and "not a Python >= 3.11" in result.stderr
 
 
 def test_tpu_copy_clone_delete(tmp_path):
@@ -345,8 +457,50 @@ def test_gpu_slurm(tmp_path, stub):
   rec = wait_for(stub[1] / "1.json")
   assert rec["env"]["PROCESS_ID"] == "1"
   assert rec["argv"] == ["-m", "launch.train", "--config", CONFIG, "--workdir", "/lustre/run"]
-  result = script("gpu.sh", "slurm", CONFIG, "/w")
-  assert result.returncode != 0 and "allocation" in result.stderr
+
+
+def no_slurm_path():
+  """This machine's PATH, which has no SLURM command (as off a cluster)."""
+  path = os.environ["PATH"]
+  assert not any(shutil.which(c, path=path) for c in ("sbatch", "srun", "scontrol"))
+  return path
+
+
+def test_gpu_slurm_dry_run_off_cluster_prints_the_job_it_would_submit():
+  path = no_slurm_path()
+  env = {"PATH": path, "NODES": "4", "GPUS_PER_NODE": "8", "TIME_LIMIT": "24:00:00"}
+  (argv,) = commands(script("gpu.sh", "--dry-run", "slurm", CONFIG, "/lustre/run",
+                            "--config.name=a b", env=env, dry=False))
+  assert argv[0] == "sbatch"
+  assert flag(argv, "--nodes") == "4" and flag(argv, "--ntasks-per-node") == "1"
+  assert flag(argv, "--gpus-per-node") == "8" and flag(argv, "--time") == "24:00:00"
+  assert flag(argv, "--signal") == "TERM@120" and flag(argv, "--chdir") == str(REPO)
+  job = shlex.split(flag(argv, "--wrap"))
+  assert job == ["launch/scripts/gpu.sh", "slurm", CONFIG, "/lustre/run", "--config.name=a b"]
+  # The job's command, as it runs inside the allocation (no scontrol on this PATH: the node
+  # list is expanded by the script itself), starts one task per node through srun.
+  allocation = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "DRY_RUN": "1",
+                "SLURM_JOB_NODELIST": "gpu-node[01-04]", "SLURM_NTASKS": "4"}
+  inside = subprocess.run(["bash", *job], cwd=REPO, env=allocation, capture_output=True,
+                          text=True, timeout=30)
+  (srun,) = commands(inside)
+  variables, rest = env_of(srun)
+  assert variables == {"COORDINATOR_ADDRESS": "gpu-node01:12355", "NUM_PROCESSES": "4"}
+  assert rest[:2] == ["srun", "--kill-on-bad-exit=1"]
+  assert rest[rest.index("python3"):] == ["python3", "-m", "launch.train", "--config", CONFIG,
+                                          "--workdir", "/lustre/run", "--config.name=a b"]
+  # Submitting for real needs sbatch.
+  result = script("gpu.sh", "slurm", CONFIG, "/w", env={"PATH": path}, dry=False)
+  assert result.returncode != 0 and "sbatch not found" in result.stderr
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node[07-08]", "node07"), ("gpu-node[01-04],x[1-2]", "gpu-node01"), ("a,b[1-3]", "a"),
+    ("single", "single"), ("n[3,5-7]", "n3"), ("n[12]", "n12")])
+def test_gpu_slurm_coordinator_is_the_first_node_without_scontrol(nodelist, first):
+  env = {"PATH": no_slurm_path(), "SLURM_JOB_NODELIST": nodelist, "SLURM_NTASKS": "2"}
+  (argv,) = commands(script("gpu.sh", "slurm", CONFIG, "/w", env=env))
+  assert env_of(argv)[0]["COORDINATOR_ADDRESS"] == f"{first}:12355"
 
 
 # --- local.sh ---
@@ -417,3 +571,40 @@ def test_tpu_distill_runs_detached_on_every_worker():
   assert ("python -m launch.distill --teacher gs://bucket/teacher --config "
           "configs/distill/cifar10.py --workdir gs://bucket/run "
           "--config.distill.train_steps=10 >> ~/vdiff-logs/distill.log" in assert_ssh_all(argv))
+
+
+# --- every dry run ---
+
+DRY_RUNS = [
+    ("tpu.sh", ["create"]), ("tpu.sh", ["copy"]), ("tpu.sh", ["clone"]), ("tpu.sh", ["install"]),
+    ("tpu.sh", ["train", CONFIG]), ("tpu.sh", ["evaluate"]), ("tpu.sh", ["sample"]),
+    ("tpu.sh", ["distill", "gs://bucket/teacher", "configs/distill/cifar10.py"]),
+    ("tpu.sh", ["logs"]), ("tpu.sh", ["status"]), ("tpu.sh", ["stop"]), ("tpu.sh", ["delete"]),
+    ("gpu.sh", ["install"]), ("gpu.sh", ["install", "HOSTS"]), ("gpu.sh", ["train", CONFIG, "/r"]),
+    ("gpu.sh", ["evaluate", "/r"]), ("gpu.sh", ["sample", "/r"]),
+    ("gpu.sh", ["distill", "/t", "configs/distill/cifar10.py", "/r"]),
+    ("gpu.sh", ["multi", "HOSTS", CONFIG, "/r"]), ("gpu.sh", ["logs", "HOSTS"]),
+    ("gpu.sh", ["stop", "HOSTS"]), ("gpu.sh", ["slurm", CONFIG, "/r"]),
+    ("local.sh", ["train", CONFIG, "/r"]), ("local.sh", ["evaluate", "/r"]),
+    ("local.sh", ["sample", "/r"]), ("local.sh", ["distill", "/t", "configs/distill/cifar10.py", "/r"]),
+    ("local.sh", ["multiprocess", "2", CONFIG, "/r"]),
+]
+
+
+@pytest.mark.parametrize("name,args", DRY_RUNS, ids=[f"{n} {a[0]}" for n, a in DRY_RUNS])
+def test_every_dry_run_prints_and_runs_nothing(tmp_path, name, args):
+  """--dry-run of every subcommand, with tools that act (gcloud, ssh, SLURM, nohup) replaced
+  by stubs that would leave a mark: each prints its commands and calls none of them."""
+  hosts = tmp_path / "hosts"
+  hosts.write_text("node-a\nnode-b\n")
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  for tool in ("gcloud", "ssh", "scp", "sbatch", "srun", "scontrol", "nohup", "tar"):
+    (fake / tool).write_text(f"#!/bin/sh\ntouch {tmp_path}/called-{tool}\n")
+    (fake / tool).chmod(0o755)
+  env = {**TPU_ENV, "PATH": f"{fake}:{os.environ['PATH']}"}
+  args = [str(hosts) if a == "HOSTS" else a for a in args]
+  result = script(name, "--dry-run", *args, env=env, dry=False)
+  assert result.returncode == 0, result.stderr
+  assert commands(result)
+  assert sorted(p.name for p in tmp_path.glob("called-*")) == []

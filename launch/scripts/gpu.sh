@@ -15,6 +15,8 @@
 #                     shared filesystem); LOG_DIR (default ~/vdiff-logs) for `multi` logs.
 #                     These two and PYTHON go into the remote command as written: ~ expands there.
 #   TFDS_DATA_DIR     exported to every process when set
+#   NODES, GPUS_PER_NODE, TIME_LIMIT   `slurm` outside an allocation: the job it submits
+#                     (defaults 1, 8, none); sbatch's own SBATCH_* variables apply too
 #   DRY_RUN=1         print the commands (one per line, shell-quoted) instead of running them
 set -euo pipefail
 
@@ -40,9 +42,12 @@ Usage: gpu.sh [--dry-run] SUBCOMMAND [ARGS...]
                                              first = coordinator), started detached over ssh
   logs HOSTFILE [I]                          follow host I's training log (default 0)
   stop HOSTFILE                              SIGTERM to the trainer on every host (saves, exits)
-  slurm CONFIG WORKDIR [OVERRIDES...]        inside an sbatch allocation: srun, one process per task
+  slurm CONFIG WORKDIR [OVERRIDES...]        inside an allocation: srun, one process per task;
+                                             elsewhere: sbatch a job (NODES x GPUS_PER_NODE) that
+                                             runs this same command inside its allocation
 
-Environment: PYTHON (python3) PORT (12355) COORDINATOR_HOST REMOTE_DIR LOG_DIR TFDS_DATA_DIR DRY_RUN=1
+Environment: PYTHON (python3) PORT (12355) COORDINATOR_HOST REMOTE_DIR LOG_DIR TFDS_DATA_DIR
+NODES (1) GPUS_PER_NODE (8) TIME_LIMIT DRY_RUN=1
 EOF
 }
 
@@ -115,15 +120,38 @@ cmd_stop() {
   done
 }
 
-# slurm CONFIG WORKDIR [OVERRIDES...]: run from an sbatch script. srun starts one task per
-# slot of the allocation (ask for --ntasks-per-node=1 to have one process see all GPUs of a
-# node); each task sets PROCESS_ID from its SLURM_PROCID, and the first node coordinates.
+# The first host of a SLURM node list: scontrol's expansion, or where scontrol is missing
+# (a dry run off the cluster) the same rule JAX uses: node[07-08],gpu1 -> node07.
+first_node() {
+  if command -v scontrol > /dev/null; then scontrol show hostnames "$1" | head -n 1; return; fi
+  local prefix=${1%%\[*} range=${1#*\[}
+  if [[ $1 != *\[* || $prefix == *,* ]]; then printf '%s\n' "${1%%,*}"; return; fi
+  printf '%s\n' "$prefix${range%%[],-]*}"   # the first number of the first range
+}
+
+# Outside an allocation: submit a job that runs `gpu.sh slurm ...` inside one, one task per
+# node seeing all its GPUs, SIGTERM to the tasks 2 minutes before TIME_LIMIT (save, exit).
+slurm_submit() {
+  train_args "$@"
+  local opts=(--job-name=vdiff-train --nodes="${NODES:-1}" --ntasks-per-node=1
+              --gpus-per-node="${GPUS_PER_NODE:-8}" --signal=TERM@120 --chdir="$REPO_ROOT")
+  if [[ -n ${TIME_LIMIT:-} ]]; then opts+=(--time="$TIME_LIMIT"); fi
+  [[ $DRY_RUN == 1 ]] || command -v sbatch > /dev/null ||
+    die "sbatch not found: run this on a SLURM login node (or inside an allocation, where it runs srun)"
+  run sbatch "${opts[@]}" --wrap="$(quote launch/scripts/gpu.sh slurm "$@")"
+}
+
+# slurm CONFIG WORKDIR [OVERRIDES...]: inside an allocation (an sbatch script, salloc, or the
+# job slurm_submit made), srun starts one task per slot of the allocation (ask for
+# --ntasks-per-node=1 to have one process see all GPUs of a node); each task sets PROCESS_ID
+# from its SLURM_PROCID, and the first node coordinates.
 cmd_slurm() {
-  [[ -n ${SLURM_JOB_NODELIST:-} && -n ${SLURM_NTASKS:-} ]] ||
-    die "slurm runs inside an allocation (sbatch script or salloc): SLURM_JOB_NODELIST/SLURM_NTASKS are unset"
+  if [[ -z ${SLURM_JOB_NODELIST:-} ]]; then slurm_submit "$@"; return; fi
+  [[ -n ${SLURM_NTASKS:-} ]] ||
+    die "SLURM_NTASKS is unset in this allocation: ask for tasks (sbatch --ntasks-per-node=1)"
   train_args "$@"
   local head
-  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  head=$(first_node "$SLURM_JOB_NODELIST")
   cd "$REPO_ROOT"
   # The single quotes are for the task's shell: SLURM_PROCID differs per task.
   # shellcheck disable=SC2016

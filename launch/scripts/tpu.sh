@@ -18,10 +18,11 @@
 #   REPO_URL, REPO_REF   for `clone` (REPO_REF defaults to origin/HEAD)
 #   REMOTE_DIR, VENV, LOG_DIR   paths on the workers (defaults ~/vdiff, ~/vdiff-venv,
 #                     ~/vdiff-logs); inserted as written, so `~` expands on the worker
+#   BASE_PYTHON       for `install`: a Python >= 3.11 on the workers to make the venv from
+#                     (default: the image's, or python3.11 from its Ubuntu archive)
 #   DRY_RUN=1         print the commands (one per line, shell-quoted) instead of running them
 set -euo pipefail
 
-readonly JAX_VERSION="0.10.2"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 REMOTE_DIR="${REMOTE_DIR:-~/vdiff}"
 VENV="${VENV:-~/vdiff-venv}"
@@ -35,7 +36,8 @@ Usage: tpu.sh [--dry-run] SUBCOMMAND [ARGS...]
   create [GCLOUD_FLAGS...]      request the slice (queued resource; CREATE_MODE=vm: tpu-vm create)
   copy                          send this checkout (tracked files, uncommitted edits included)
   clone                         git clone REPO_URL at REPO_REF on every worker
-  install                       Python 3.11 venv, jax[tpu]==0.10.2 and `pip install -e .`
+  install                       venv from the image's Python >= 3.11 (else apt's python3.11),
+                                then pip install -e '.[tpu]' (jax[tpu], libtpu) from PyPI
   train CONFIG [OVERRIDES...]   python -m launch.train --config CONFIG --workdir $WORKDIR ...
   evaluate [ARGS...]            python -m launch.evaluate --workdir $WORKDIR ARGS
   sample [ARGS...]              python -m launch.sample --workdir $WORKDIR ARGS (--num N --steps S)
@@ -48,7 +50,8 @@ Usage: tpu.sh [--dry-run] SUBCOMMAND [ARGS...]
 
 Jobs run detached (nohup) on every worker, logging to $LOG_DIR/JOB.log on each worker.
 Environment: TPU_NAME ZONE [PROJECT] ACCELERATOR_TYPE [RUNTIME_VERSION] [SPOT=1]
-[CREATE_MODE=queued|vm] WORKDIR=gs://... [TFDS_DATA_DIR=gs://...] [REPO_URL REPO_REF] [DRY_RUN=1]
+[CREATE_MODE=queued|vm] WORKDIR=gs://... [TFDS_DATA_DIR=gs://...] [REPO_URL REPO_REF]
+[BASE_PYTHON] [DRY_RUN=1]
 EOF
 }
 
@@ -135,13 +138,16 @@ cmd_clone() {
   on_workers "{ [ -d $REMOTE_DIR/.git ] || git clone --quiet $url $REMOTE_DIR; } && git -C $REMOTE_DIR fetch --quiet origin && git -C $REMOTE_DIR checkout --quiet --detach $ref"
 }
 
-# install: the TPU images ship Python 3.10 and jax needs 3.11, so uv (from PyPI) makes a
-# Python 3.11 venv; pip then installs jax[tpu] (which pins libtpu) and this package.
-# The last step prints each worker's view of the slice: all workers must report the same
-# global device count.
+# install: launch/scripts/tpu_vm_install.sh from the copied checkout, on every worker. The
+# JAX runtimes are Ubuntu 22.04 with Python 3.10, and jax needs 3.11, so it takes the
+# image's Python if it is recent enough, else python3.11 from the image's own Ubuntu
+# archive (apt), then pip installs this package with its `tpu` extra from the package
+# index. Nothing comes from elsewhere. Each worker ends by printing its place in the slice.
 cmd_install() {
   need TPU_NAME ZONE
-  on_workers "set -e; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet --upgrade uv; ~/.local/bin/uv venv --quiet --seed --allow-existing --python 3.11 $VENV; $VENV/bin/pip install --quiet 'jax[tpu]==$JAX_VERSION' -e $REMOTE_DIR; $VENV/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
+  local env=""
+  if [[ -n ${BASE_PYTHON:-} ]]; then env="BASE_PYTHON=$(quote "$BASE_PYTHON") "; fi
+  on_workers "${env}bash $REMOTE_DIR/launch/scripts/tpu_vm_install.sh $VENV $REMOTE_DIR"
 }
 
 # The shell line that starts `python -m launch.JOB ARGS` detached on a worker, refusing to
