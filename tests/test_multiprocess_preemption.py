@@ -41,8 +41,9 @@ def preempted(tmp_path_factory):
   runs = []
   try:
     for i in range(2):
+      # TF_CPP_MIN_LOG_LEVEL=1 (JAX's default): the C++ warning "SIGTERM caught" is logged.
       env = h.train_env(4, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES=2,
-                        PROCESS_ID=i)
+                        PROCESS_ID=i, TF_CPP_MIN_LOG_LEVEL=1)
       runs.append(h.Run(workdir, *OVERRIDES, env=env, name=f"process_{i}"))
     h.wait_until(lambda: h.has_train_record(workdir), runs, TIMEOUT, "the first train step")
     reached = max(h.train_records(workdir))
