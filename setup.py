@@ -28,7 +28,6 @@ setup(
         "absl-py==2.5.1",
         "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (evaluation/clip_tokenizer.py)
         "gcsfs==2026.10.1",           # gs:// paths through etils.epath (launch/fs.py)
-        "google-cloud-storage==3.17.1",  # tensorboardX's gs:// event writer
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).

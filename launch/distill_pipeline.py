@@ -212,6 +212,7 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
     experiment.check_settings(stage["kind"], stage["steps"],
                               teacher_config.model.parameterization,
                               dcfg.distill.allow_eps_teacher)
+  fs.require_writable(workdir)   # a missing bucket or no credentials: fail before training
   rows, previous, cache = [], teacher, {}
   for stage in stages:
     stage_dir = fs.join(workdir, stage["dir"])

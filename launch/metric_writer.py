@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a writer whose methods do nothing, so
 never branch on the process index.
 """
 
+import io
 import json
 import logging
 import os
@@ -35,6 +36,44 @@ def setup_logging():
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+class _EventFile:
+  """A TensorBoard event file on GCS (via launch/fs.py) for tensorboardX: GCS has no
+  append, so the whole file is rewritten when tensorboardX flushes, and only then (its own
+  gs:// writer also uploads from `__del__`, retrying for minutes if the store is gone)."""
+
+  def __init__(self, path):
+    self.path, self._buffer, self._written = path, io.BytesIO(), 0
+
+  def write(self, data):
+    self._buffer.write(data)
+
+  def flush(self):
+    if self._buffer.tell() != self._written:
+      fs.write_atomic(self.path, self._buffer.getvalue())
+      self._written = self._buffer.tell()
+
+  def close(self):
+    self.flush()
+
+
+class _EventFileFactory:
+  def open(self, path):
+    return _EventFile(path)
+
+  def directory_check(self, path):
+    del path   # object stores need no folders
+
+
+def _tensorboard_writer(logdir: str, flush_seconds: float):
+  """tensorboardX's SummaryWriter for a local or gs:// logdir, or None if not installed."""
+  try:
+    from tensorboardX import SummaryWriter, record_writer
+  except ImportError:   # TensorBoard is optional; the JSONL file is always written.
+    return None
+  record_writer.register_writer_factory("gs", _EventFileFactory())
+  return SummaryWriter(logdir, flush_secs=int(flush_seconds))
+
+
 class MetricWriter:
   """{"step": s, **metrics} lines in workdir/metrics.jsonl, and TensorBoard scalars.
 
@@ -60,12 +99,7 @@ class MetricWriter:
     if len(kept) != len(existing) or not self.path.exists():
       fs.write_atomic(self.path, "".join(line + "\n" for line in kept))
     self._jsonl = None if self._remote else self.path.open("a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.fspath(self.path.parent / "tensorboard"),
-                               flush_secs=int(flush_seconds))
-    except ImportError:   # TensorBoard is optional; the JSONL file is always written.
-      self._tb = None
+    self._tb = _tensorboard_writer(os.fspath(self.path.parent / "tensorboard"), flush_seconds)
 
   def write(self, step: int, metrics: dict, prefix: str = ""):
     if not self.enabled:

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -50,10 +51,11 @@ def free_port() -> int:
 
 
 def start(port: int, bucket: str, timeout: float = 30.0) -> subprocess.Popen:
-  """Starts the emulator in a subprocess and waits until it answers."""
+  """Starts the emulator in a subprocess and waits until it answers; its request log goes
+  to $TMPDIR/vdiff-gcs-emulator-PORT.log."""
+  log = open(os.path.join(tempfile.gettempdir(), f"vdiff-gcs-emulator-{port}.log"), "wb")
   proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", "--port", str(port),
-                           "--bucket", bucket], cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                           "--bucket", bucket], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + timeout
   while True:
     try:

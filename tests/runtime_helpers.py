@@ -73,10 +73,13 @@ def train_env(num_devices: int = 8, **extra) -> dict:
 class Run:
   """One `python -m launch.train` subprocess (or another module with the same flags)."""
 
-  def __init__(self, workdir, *overrides, env=None, module="launch.train", name=None):
+  def __init__(self, workdir, *overrides, env=None, module="launch.train", name=None,
+               log_dir=None):
+    """log_dir: where the log file goes (default: the workdir; needed for a gs:// one)."""
     self.workdir = str(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
-    self.log_path = os.path.join(self.workdir, f"{name or 'train'}.log")
+    log_dir = str(log_dir or self.workdir)
+    os.makedirs(log_dir, exist_ok=True)
+    self.log_path = os.path.join(log_dir, f"{name or 'train'}.log")
     args = [sys.executable, "-m", module, "--config", CONFIG, "--workdir", self.workdir]
     args += [f"--config.{o}" for o in list(TINY) + list(overrides)]
     self._log = open(self.log_path, "ab")
@@ -144,18 +147,22 @@ def has_train_record(workdir) -> bool:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  directory = os.path.join(str(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  """Committed checkpoint steps of a local or gs:// workdir, as orbax sees them (on GCS a
+  step's folder exists before its save commits)."""
+  from launch import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(workdir), save_every=1, keep=100)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
 
 
 def iterator_state(workdir, step: int, process_index: int = 0, process_count: int = 1) -> dict:
   """The grain iterator state a checkpoint holds for one process (parsed JSON)."""
-  path = os.path.join(str(workdir), "checkpoints", str(step), "data_iterator",
-                      f"process_{process_index}-of-{process_count}.json")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  from launch import fs  # pylint: disable=g-import-not-at-top
+  path = fs.path(workdir) / "checkpoints" / str(step) / "data_iterator" / (
+      f"process_{process_index}-of-{process_count}.json")
+  return json.loads(path.read_text(encoding="utf-8"))
 
 
 def fresh_iterator_state(config, num_batches: int, process_index: int = 0,

@@ -11,6 +11,7 @@ from sklearn import datasets as sk_datasets
 from launch.data import digits
 from launch.data import pipeline
 from launch.data import synthetic
+from launch import fs
 from launch.data import tfds_source
 
 
@@ -299,6 +300,22 @@ def test_tfds_array_record_round_trip(tiny_tfds_dir, monkeypatch):
   for caption, image in zip(captions, images):
     np.testing.assert_array_equal(image, originals[int(caption.split()[-1])])
   assert sorted(captions) == sorted(f"tiny image {i}" for i in range(12))
+
+
+def test_tfds_dataset_read_from_gcs(tiny_tfds_dir, gcs_dir, monkeypatch):
+  """TFDS_DATA_DIR=gs://... on the local GCS emulator: the prepared dataset's files copied
+  there give the examples of the local copy, in the same order."""
+  for f in tiny_tfds_dir.rglob("*"):
+    if f.is_file():
+      fs.path(gcs_dir).joinpath(*f.relative_to(tiny_tfds_dir).parts).write_bytes(f.read_bytes())
+  monkeypatch.setenv("TFDS_DATA_DIR", gcs_dir)
+  remote = pipeline.get_source("launch_test_tiny_images", "train")
+  local = tfds_source.TfdsSource("launch_test_tiny_images", "train", tiny_tfds_dir)
+  assert len(remote) == len(local) == 12
+  for i in range(12):
+    a, b = remote[i], local[i]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert (a["label"], a["caption"]) == (b["label"], b["caption"])
 
 
 def test_tfds_missing_dataset_error(tmp_path, monkeypatch):
