@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import signal
+import sys
 from typing import Any
 
 from etils import epath
@@ -63,7 +64,85 @@ _DATA_ITERATOR, _DATA_STATE = "data_iterator", "data_state"
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be restored (corrupt, truncated, missing, mismatched)."""
+  """A checkpoint is missing or cannot be restored (corrupt, truncated, mismatched); the
+  message names the step and the command-line fix."""
+
+
+# --- before restoring: is there a checkpoint? -------------------------------------------
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+  """The finalized steps in `<workdir>/checkpoints`, read without creating anything (a
+  Checkpointer creates the folder, which a command that only reads must not do)."""
+  directory = epath.Path(workdir) / "checkpoints"
+  return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def require_checkpoint(workdir: str, step: int | None = None, *, flag: str = "--workdir",
+                       step_flag: str = "--step") -> int:
+  """The step to restore from `workdir` (`step`, or the latest); else a CheckpointError
+  naming the problem and the fix, before anything is built, restored or written.
+
+  flag, step_flag: the command-line flags that gave `workdir` and `step`, for the message.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    missing = "" if epath.Path(workdir).exists() else " (the folder does not exist)"
+    raise CheckpointError(
+        f"{flag} {workdir} has no checkpoint{missing}: train first, with python -m "
+        f"launch.train --config <config file> --workdir {workdir}, or pass the workdir of "
+        f"a trained run.")
+  if step is None:
+    return steps[-1]
+  if int(step) not in steps:
+    raise CheckpointError(
+        f"{flag} {workdir} has no checkpoint for step {step}; its steps are {steps}. Pass "
+        f"{step_flag} with one of them, or leave {step_flag} out for the latest "
+        f"({steps[-1]}).")
+  return int(step)
+
+
+class _OrphanedReadsFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a failed restore's reads."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and any(d in str(error) for d in self.directories))
+
+
+_orphaned_reads = _OrphanedReadsFilter()
+
+
+def _silence_orphaned_reads(directory):
+  """After a failed restore, keep its other reads from flooding the terminal.
+
+  orbax reads every array concurrently; when one read fails it raises at once and closes
+  its event loop, and each read still in flight later fails to deliver its result to that
+  closed loop ("RuntimeError: Event loop is closed", printed through sys.unraisablehook,
+  hundreds of times) or dies unretrieved (asyncio logs the same tensorstore error again,
+  with kilobytes of spec). The restore's own error already says what went wrong, so both
+  are dropped: that one RuntimeError process-wide (it only ever means a result nobody
+  awaits any more), the asyncio log records only when they name this checkpoint.
+  """
+  _orphaned_reads.directories.add(str(directory))
+  asyncio_logger = logging.getLogger("asyncio")
+  if _orphaned_reads not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_orphaned_reads)
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
 
 
 # --- input checks -----------------------------------------------------------------------
@@ -307,20 +386,34 @@ class Checkpointer:
     steps = self.all_steps()
     if step is None:
       if not steps:
-        raise CheckpointError(f"No checkpoint in {self.directory} to restore.")
+        raise CheckpointError(f"No checkpoint in {self.directory} to restore: train first "
+                              "(python -m launch.train ... --workdir <this workdir>).")
       return steps[-1]
     if int(step) not in steps:
       raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
-                            f"available steps: {steps}.")
+                            f"available steps: {steps}. Pass --step with one of them, or "
+                            "leave it out for the latest.")
     return int(step)
 
   def _error(self, step: int, cause: str) -> CheckpointError:
-    others = [s for s in self.all_steps() if s != step]
+    """A step that cannot be restored: the cause, then what to do, as command-line flags."""
+    steps = self.all_steps()
+    others = [s for s in steps if s != step]
+    if not others:
+      fix = (f"It is the only checkpoint: delete {self.step_dir(step)} and rerun "
+             "launch.train to train from scratch.")
+    else:
+      earlier = [s for s in others if s < step]
+      pick = earlier[-1] if earlier else others[-1]
+      fix = (f"To resume training, delete {self.step_dir(step)} and rerun the same "
+             f"launch.train command (it goes on from step {others[-1]}). "
+             if step > others[-1] else "")
+      fix += (f"To use another saved step ({others}), pass --step {pick} to launch.evaluate "
+              f"or launch.sample (--config.distill.teacher_step={pick} for a distillation "
+              "teacher).")
     return CheckpointError(
         f"Checkpoint step {step} in {self.step_dir(step)} cannot be restored: {cause}\n"
-        f"Training does not restart from scratch silently. Either delete "
-        f"{self.step_dir(step)} (the run then resumes from the newest remaining step), or "
-        f"pass step=<one of {others}> to restore().")
+        f"Nothing was restored (training never restarts from scratch silently). {fix}")
 
   def restore(self, abstract_state, step: int | None = None, *, data_iterator=None):
     """Restores a step (default: the latest) onto the shardings given by `abstract_state`.
@@ -357,6 +450,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      _silence_orphaned_reads(directory)
       try:
         layout = _layout_mismatch(self._manager.item_metadata(step)[_STATE], target)
       except Exception:  # pylint: disable=broad-except
@@ -398,6 +492,7 @@ class Checkpointer:
       checksums = directory / _CHECKSUMS / "metadata"
       saved = json.loads(checksums.read_text()) if checksums.exists() else None
     except Exception as e:  # pylint: disable=broad-except
+      _silence_orphaned_reads(directory)
       raise self._error(step, _short(e)) from e
     missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values)
                if isinstance(v, jax.ShapeDtypeStruct)]

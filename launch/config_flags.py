@@ -20,16 +20,27 @@ An override naming a key that the config does not have is an error listing the v
 nearest first (ml_collections alone only suggests a single close match, or nothing).
 Returned configs are locked, so that a typo in code (`config.modle`) raises as well.
 
+A config path that does not exist is a flags error naming the file and the nearest
+config files, at parse time (ml_collections alone defers it to the first attribute access,
+inside a long traceback).
+
 `config_to_json` / `config_from_json` round-trip a config through JSON exactly (tuples are
 tagged, since JSON only has lists); the trainer stores this JSON beside each checkpoint.
+
+The entry points share two helpers for bad input: `run_main` runs an absl main and prints
+an `InputError` (or another error the entry point names) as one message, exit status 1,
+without a traceback; `fresh_output` picks where outputs go without overwriting earlier ones.
 """
 
 import ast
 import difflib
 import json
-from typing import Any, Iterable, Sequence
+import os
+import sys
+from typing import Any, Callable, Iterable, Sequence
 
-from absl import flags
+from absl import app, flags
+from etils import epath
 import ml_collections
 from ml_collections.config_flags import config_flags as ml_config_flags
 from ml_collections.config_flags import config_path
@@ -38,6 +49,11 @@ ConfigDict = ml_collections.ConfigDict
 
 _TUPLE_TAG = "__tuple__"
 _MAX_KEYS_LISTED = 40
+
+
+class InputError(ValueError):
+  """Bad input that the user fixes (a missing file or checkpoint, a batch size the devices
+  do not divide). Its message names the problem and the fix; `run_main` prints it alone."""
 
 
 class UnknownConfigKeyError(flags.Error, ValueError):
@@ -132,6 +148,50 @@ ml_config_flags.register_flag_parser_for_type(list, _ListParser())
 ml_config_flags.register_flag_parser_for_type(type(None), ml_config_flags._LiteralParser())  # pylint: disable=protected-access
 
 
+def _config_files(folder: epath.Path) -> list[epath.Path]:
+  """The config files in `folder` and its subfolders, package markers left out."""
+  files = list(folder.glob("*.py")) + list(folder.glob("*/*.py"))
+  return sorted(p for p in files if p.name != "__init__.py")
+
+
+def missing_config_message(path: str, flag_name: str = "config") -> str:
+  """The error text for a config path that does not exist: the path, where relative paths
+  are read from, the nearest config files, and an example of the flag."""
+  file = epath.Path(path)
+  folder = file.parent
+  if folder.is_dir():
+    files = _config_files(folder)
+    names = difflib.get_close_matches(file.name, sorted({p.name for p in files}), n=3,
+                                      cutoff=0.6)
+    near = [str(p) for name in names for p in files if p.name == name][:4]
+    hint = f" (nearest: {', '.join(near)})" if near else ""
+  else:
+    hint = f" (the folder {folder} does not exist either)"
+  where = "" if file.is_absolute() else f" (relative to the current directory {os.getcwd()})"
+  return (f"config file {path} does not exist{where}{hint}. Pass an existing config file, "
+          f"e.g. --{flag_name}=configs/vdm/digits.py, optionally with :arg (e.g. "
+          f"configs/vdm/digits.py:runlocal).")
+
+
+class _ConfigFileParser(ml_config_flags.ConfigFileFlagParser):
+  """ml_collections' config-file parser, with a missing or unreadable file a flags error."""
+
+  def parse(self, path):
+    if isinstance(path, str):
+      file = epath.Path(path.split(":", 1)[0])
+      if not file.exists():
+        raise ValueError(missing_config_message(str(file), self.name))
+      if file.is_dir():
+        example = next(iter(_config_files(file)), file / "config.py")
+        raise ValueError(f"config path {file} is a folder; pass a config file, e.g. "
+                         f"--{self.name}={example}.")
+    config = super().parse(path)
+    error = getattr(config, "_error", None)   # ml_collections' _ErrorConfig: an IOError
+    if isinstance(error, OSError):
+      raise ValueError(f"config file {path} could not be read: {error}")
+    return config
+
+
 class _CheckedConfigFlag(ml_config_flags._ConfigFlag):  # pylint: disable=protected-access
   """ml_collections' config-file flag, with unknown override keys listed in the error.
 
@@ -150,15 +210,17 @@ def define_config_flag(name: str = "config",
                        default: str | None = None,
                        help_string: str = "Config file, `path/to/file.py[:arg]`.",
                        flag_values: flags.FlagValues = flags.FLAGS,
-                       sys_argv: list[str] | None = None) -> flags.FlagHolder:
+                       sys_argv: list[str] | None = None,
+                       required: bool = False) -> flags.FlagHolder:
   """Defines `--name path.py:arg` with `--name.key=value` overrides; returns its holder.
 
   Like `config_flags.DEFINE_config_file(name, lock_config=True)`, but an unknown override
-  key raises UnknownConfigKeyError listing the valid keys. `holder.value` is the locked
-  ConfigDict once absl has parsed the command line.
+  key raises UnknownConfigKeyError listing the valid keys, and a file that does not exist
+  is a flags error naming it. `holder.value` is the locked ConfigDict once absl has parsed
+  the command line; `required`: absl refuses a command line without the flag.
   """
   flag = _CheckedConfigFlag(
-      parser=ml_config_flags.ConfigFileFlagParser(name=name, lock_config=True),
+      parser=_ConfigFileParser(name=name, lock_config=True),
       serializer=flags.ArgumentSerializer(),
       name=name,
       default=default,
@@ -166,7 +228,7 @@ def define_config_flag(name: str = "config",
       flag_values=flag_values,
       accept_new_attributes=False,
       sys_argv=sys_argv)
-  return flags.DEFINE_flag(flag, flag_values)
+  return flags.DEFINE_flag(flag, flag_values, required=required)
 
 
 def load_config(path_with_arg: str, overrides: Sequence[str] = ()) -> ConfigDict:
@@ -258,3 +320,50 @@ def fill_missing(config: ConfigDict, defaults: ConfigDict, prefix: str = "") -> 
     elif isinstance(value, ConfigDict) and isinstance(config[key], ConfigDict):
       added += fill_missing(config[key], value, name + ".")
   return added
+
+
+# --- entry-point helpers ------------------------------------------------------------------
+
+
+def run_main(main: Callable[[list[str]], Any], *errors: type[Exception]):
+  """`absl.app.run(main)`, with bad input reported as one message and exit status 1.
+
+  An InputError (or one of `errors`, e.g. launch.checkpoint.CheckpointError) raised by
+  `main` is printed alone, as "Error: <message>", without a traceback: its message already
+  names the problem and the fix, and a traceback would bury it. Any other exception keeps
+  its traceback (that is a bug to report, not bad input).
+  """
+
+  def main_reporting_bad_input(argv):
+    try:
+      return main(argv)
+    except (InputError, *errors) as e:
+      sys.exit(f"Error: {e}")
+
+  app.run(main_reporting_bad_input)
+
+
+def fresh_output(path: str, *, chosen: bool, overwrite: bool, flag: str = "--out") -> str:
+  """Where an entry point writes its output (a file or a folder), never over earlier output.
+
+  A default path (`chosen` False) that already holds output gets the first free numbered
+  sibling (`x.png` -> `x_1.png`, `cascade` -> `cascade_1`): a user who named no output
+  expects each run's results to be kept. A path the user chose that holds output is
+  refused unless `overwrite`: writing elsewhere would surprise them, and replacing the
+  files would lose the earlier run's results. An empty folder counts as free.
+  """
+  target = epath.Path(path)
+
+  def taken(p):
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+  if not taken(target) or (chosen and overwrite):
+    return path
+  if chosen:
+    raise InputError(f"{flag} {path} already holds the output of an earlier run; pass a new "
+                     f"{flag} path, or --overwrite to replace it.")
+  stem, suffix = (target.stem, target.suffix) if target.suffix else (target.name, "")
+  i = 1
+  while taken(target.parent / f"{stem}_{i}{suffix}"):
+    i += 1
+  return os.fspath(target.parent / f"{stem}_{i}{suffix}")

@@ -27,9 +27,11 @@ import os
 
 from absl import app, flags
 
+from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distill_pipeline, distributed, metric_writer
+from launch import setup as setup_lib
 
-_CONFIG = config_flags.define_config_flag("config")
+_CONFIG = config_flags.define_config_flag("config", required=True)
 _TEACHER = flags.DEFINE_string("teacher", None, "The teacher's training workdir.",
                                required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: TEACHER/distill).")
@@ -39,6 +41,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metric_writer.setup_logging()
+  check_inputs(_CONFIG.value, _TEACHER.value)
   distributed.initialize()
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(_TEACHER.value, "distill"))
   distill_pipeline.run_pipeline(_CONFIG.value, _TEACHER.value, workdir)
@@ -46,8 +49,25 @@ def main(argv):
     print(distill_pipeline.table([json.loads(line) for line in f]))
 
 
+def check_inputs(dcfg, teacher: str):
+  """Bad input as one clear error before anything is written: a teacher without the
+  checkpoint to distil, a batch size the devices do not divide."""
+  step = dcfg.distill.teacher_step or None
+  checkpoint_lib.require_checkpoint(teacher, step, flag="--teacher",
+                                    step_flag="--config.distill.teacher_step")
+  ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
+  teacher_config = ckpt.restore_config(step)
+  ckpt.close()
+  try:
+    first = distill_pipeline.plan(dcfg.distill)[0]
+  except ValueError as e:   # start_steps / end_steps that do not halve down
+    raise config_flags.InputError(str(e)) from None
+  setup_lib.check_batch_sizes(
+      distill_pipeline.stage_config(teacher_config, dcfg, first, teacher, teacher))
+
+
 def run():
-  app.run(main)
+  config_flags.run_main(main, checkpoint_lib.CheckpointError)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ import json
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 
+from launch import checkpoint as checkpoint_lib
+from launch import config_flags
 from launch import workdir as workdir_lib
 from launch import distributed
 from launch import metric_writer
@@ -28,11 +30,15 @@ _ODE_STEPS = flags.DEFINE_integer("ode_steps", 100, "RK4 steps of the ODE (metho
 _HUTCHINSON = flags.DEFINE_enum("hutchinson", "rademacher", ["rademacher", "gaussian"],
                                 "Trace estimator noise (method=ode).")
 _MAX = flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.")
+for _name, _example in (("num_time_samples", 4), ("ode_steps", 100), ("max_examples", 1000)):
+  flags.register_validator(_name, lambda n: n is None or n >= 1,
+                           f"--{_name} must be a positive number, e.g. --{_name} {_example}.")
 
 
 def main(argv):
   del argv
   metric_writer.setup_logging()
+  checkpoint_lib.require_checkpoint(_WORKDIR.value, _STEP.value)
   distributed.initialize()
   setup, state, ckpt = workdir_lib.load_workdir(_WORKDIR.value, _STEP.value, {
       "eval.num_time_samples": _K.value, "eval.max_examples": _MAX.value})
@@ -54,7 +60,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  config_flags.run_main(main, checkpoint_lib.CheckpointError)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from evaluation import digits_classifier
-from launch import distributed
+from launch import checkpoint as checkpoint_lib
+from launch import config_flags, distributed
 from launch.cascade import per_stage, run_cascade
 from launch import metric_writer
 from launch.data import digits
@@ -36,6 +37,9 @@ _AUG_SWEEP = flags.DEFINE_list("aug_sweep", None, "Sweep the SR stages' augmenta
                                "over these values (the same level for every SR stage; "
                                "overrides --aug_level), for each guidance weight.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.register_validator("num_per_digit", lambda n: n >= 1, "--num_per_digit is the number "
+                         "of images per digit and weight: pass a positive number, e.g. "
+                         "--num_per_digit 20.")
 
 
 def digit_prompts(num_per_digit: int) -> tuple[list[str], np.ndarray]:
@@ -52,16 +56,25 @@ def score(x, labels, num_levels: int) -> dict:
 def main(argv):
   del argv
   metric_writer.setup_logging()
-  distributed.initialize()
   stages = _STAGES.value
   n = len(stages)
+  try:   # per-stage counts and numbers, checked before any stage is loaded
+    aug_settings = ([[0.0] + [float(a)] * (n - 1) for a in _AUG_SWEEP.value]
+                    if _AUG_SWEEP.value else [per_stage(_AUG.value, n, "aug_level", float)])
+    weights = [float(v) for v in _GUIDANCE.value]
+    steps = per_stage(_STEPS.value, n, "steps", int)
+  except ValueError as e:
+    raise config_flags.InputError(
+        f"{e}. --guidance, --aug_level and --aug_sweep take numbers, --steps whole numbers; "
+        "per-stage flags take one value per stage or one for all.") from None
+  for stage in stages:
+    checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
+  distributed.initialize()
   prompts, labels = digit_prompts(_NUM.value)
   results = []
-  aug_settings = ([[0.0] + [float(a)] * (n - 1) for a in _AUG_SWEEP.value] if _AUG_SWEEP.value
-                  else [per_stage(_AUG.value, n, "aug_level", float)])
-  for w, aug_levels in [(float(v), a) for v in _GUIDANCE.value for a in aug_settings]:
+  for w, aug_levels in [(v, a) for v in weights for a in aug_settings]:
     outputs, _, setups, _, _ = run_cascade(
-        stages, prompts, num_per_prompt=1, steps=per_stage(_STEPS.value, n, "steps", int),
+        stages, prompts, num_per_prompt=1, steps=steps,
         guidance=[w] + [0.0] * (n - 1), samplers_=["ddim"] * n,
         aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value)
     levels = setups[0].source.num_levels
@@ -78,7 +91,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  config_flags.run_main(main, checkpoint_lib.CheckpointError)
 
 
 if __name__ == "__main__":

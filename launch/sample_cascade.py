@@ -3,20 +3,29 @@ r"""Text-to-image with a trained cascade: base stage, then each super-resolution
   python -m launch.sample_cascade --stages runs/imagen_base,runs/imagen_sr \
       --prompts "a handwritten digit seven,the number 3" --num_per_prompt 4 \
       [--steps 64,32] [--guidance 3,0] [--sampler ddim,ddim] [--aug_level 0,0.1] \
-      [--out runs/cascade]
+      [--out runs/cascade [--overwrite]]
 
 Each stage is a training workdir (its saved config rebuilds the model; EMA params). Prompts
 are encoded once, with the text encoder named by the base stage's config (data.t5: the same
 encoder its text cache was made with), and every stage's images are written as a PNG grid.
 Per-stage options take one value per stage, or one value for all.
+
+Earlier outputs are never overwritten silently: without --out, a run whose default folder
+(the last stage's workdir/cascade) already holds images writes to cascade_1, cascade_2, ...
+(each run's images are kept, since the user named no place for them); an --out folder that
+holds files is refused unless --overwrite (the user chose that folder, so writing
+elsewhere would surprise them, and replacing its files would lose the earlier run).
 """
 
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+from etils import epath
 
 from launch import cascade, distributed, images
+from launch import checkpoint as checkpoint_lib
+from launch import config_flags
 from launch import metric_writer
 from vdm import losses
 
@@ -35,33 +44,61 @@ _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "no
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: the last stage's "
                            "workdir/cascade).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the files in an existing --out.")
+flags.register_validator("num_per_prompt", lambda n: n >= 1, "--num_per_prompt is the number "
+                         "of images per prompt: pass a positive number, e.g. --num_per_prompt 4.")
+flags.register_validator("prompts", lambda p: p is None or all(x.strip() for x in p),
+                         "--prompts has an empty prompt (prompts are separated by commas): "
+                         "remove the stray comma, e.g. --prompts 'a digit seven,the number 3'.")
+flags.register_validator("stages", lambda s: s is None or all(x.strip() for x in s),
+                         "--stages has an empty workdir (workdirs are separated by commas): "
+                         "remove the stray comma, e.g. --stages runs/base,runs/sr.")
+flags.register_validator("steps", lambda v: all(x.isdigit() and int(x) >= 1 for x in v),
+                         "--steps takes positive whole numbers, one per stage or one for all, "
+                         "e.g. --steps 64,32.")
+flags.register_multi_flags_validator(
+    ["prompts", "prompts_file"], lambda f: not (f["prompts"] and f["prompts_file"]),
+    "pass either --prompts or --prompts_file, not both.")
 
 
 def read_prompts() -> list[str]:
   if _PROMPTS_FILE.value:
+    if not epath.Path(_PROMPTS_FILE.value).is_file():
+      raise config_flags.InputError(f"--prompts_file {_PROMPTS_FILE.value} does not exist: "
+                                    "pass a text file with one prompt per line.")
     with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
       prompts = [line.strip() for line in f if line.strip()]
   else:
     prompts = list(_PROMPTS.value or [])
   if not prompts:
-    raise ValueError("no prompts: pass --prompts or --prompts_file")
+    raise config_flags.InputError("no prompts: pass --prompts 'a prompt,another prompt' or "
+                                  "--prompts_file with one prompt per line.")
   return prompts
 
 
 def main(argv):
   del argv
   metric_writer.setup_logging()
-  distributed.initialize()
   stages, prompts = _STAGES.value, read_prompts()
   n = len(stages)
+  try:
+    options = dict(steps=cascade.per_stage(_STEPS.value, n, "steps", int),
+                   guidance=cascade.per_stage(_GUIDANCE.value, n, "guidance", float),
+                   samplers_=cascade.per_stage(_SAMPLER.value, n, "sampler", str),
+                   aug_levels=cascade.per_stage(_AUG.value, n, "aug_level", float))
+  except ValueError as e:   # a count that is neither 1 nor n, or a value that is no number
+    raise config_flags.InputError(
+        f"{e}. --guidance and --aug_level take numbers, --steps whole numbers; per-stage "
+        "flags take one value per stage or one for all.") from None
+  for stage in stages:
+    checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
+  out_dir = config_flags.fresh_output(_OUT.value or os.path.join(stages[-1], "cascade"),
+                                      chosen=_OUT.value is not None,
+                                      overwrite=_OVERWRITE.value)
+  distributed.initialize()
   outputs, _, setups, _, _ = cascade.run_cascade(
-      stages, prompts, num_per_prompt=_NUM.value,
-      steps=cascade.per_stage(_STEPS.value, n, "steps", int),
-      guidance=cascade.per_stage(_GUIDANCE.value, n, "guidance", float),
-      samplers_=cascade.per_stage(_SAMPLER.value, n, "sampler", str),
-      aug_levels=cascade.per_stage(_AUG.value, n, "aug_level", float),
+      stages, prompts, num_per_prompt=_NUM.value, **options,
       threshold=_THRESHOLD.value, seed=_SEED.value)
-  out_dir = _OUT.value or os.path.join(stages[-1], "cascade")
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
       levels = setup.source.num_levels
@@ -74,7 +111,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  config_flags.run_main(main, checkpoint_lib.CheckpointError)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ start here, so a model is built and sharded the same way wherever it runs.
 
 import dataclasses
 import logging
+import math
 
 import jax
 import numpy as np
 from flax import nnx
 
 from launch import checkpoint as checkpoint_lib
-from launch import distributed, families, mesh as mesh_lib, train_state
+from launch import config_flags, distributed, families, mesh as mesh_lib, train_state
 from launch.data import pipeline
 
 
@@ -38,6 +39,37 @@ def _check_config(config):
   if config.train.nan_policy not in ("error", "skip"):
     raise ValueError(f"train.nan_policy must be 'error' or 'skip', got "
                      f"{config.train.nan_policy!r}")
+
+
+def check_batch_sizes(config, devices=None):
+  """Raises config_flags.InputError, naming the batch size, the device and process counts
+  and the fix, if the batches of a training run would not split evenly over the mesh.
+
+  Every batch is sharded over the mesh's data axes (data x fsdp) and loaded in equal parts
+  by the processes, so train.batch_size (and eval.batch_size, when training evaluates)
+  must be a multiple of both counts. The training entry points call this before anything
+  is built or written; `build` does not, since evaluating or sampling a trained run on
+  other devices needs only its own batches to divide.
+  """
+  distributed.initialize()
+  mesh = mesh_lib.make_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
+  shards, processes = mesh_lib.batch_shards(mesh), jax.process_count()
+  unit = math.lcm(shards, processes)
+  keys = ["train.batch_size"] + (["eval.batch_size"] if config.train.eval_every else [])
+  for key in keys:
+    section, name = key.split(".")
+    size = int(config[section][name])
+    if size >= unit and size % unit == 0:
+      continue
+    sizes = sorted({max(unit, size // unit * unit), -(-size // unit) * unit})
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_lib.BATCH_AXES)
+    raise config_flags.InputError(
+        f"{key}={size} does not split evenly over this run's devices: the mesh has "
+        f"{shards} batch shards ({axes}, over {mesh.devices.size} devices) and "
+        f"{processes} process{'es' if processes > 1 else ''}, so the batch size must be a "
+        f"multiple of {unit}. Pass e.g. "
+        + " or ".join(f"--config.{key}={n}" for n in sizes)
+        + ", or change the mesh (mesh.ici in the config).")
 
 
 def data_source(config, split, workdir=None):

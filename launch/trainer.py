@@ -94,10 +94,15 @@ def _flops_and_peak(traced, mesh, cfg) -> dict:
 
 def _nonfinite_error(step, metrics, ckpt):
   ckpt.wait()  # commit the in-flight async save: the raise would otherwise lose that step
+  latest = ckpt.latest_step()
+  saved = (f"the latest checkpoint is step {latest}, from which the same command resumes"
+           if latest is not None else
+           f"no checkpoint has been saved yet (the first is due at step {ckpt.save_every}), "
+           "so rerunning the command trains from scratch")
   return FloatingPointError(
       f"Non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}). The update "
-      f"was not applied and no checkpoint contains it; the latest checkpoint is step "
-      f"{ckpt.latest_step()}. Lower optim.lr or optim.grad_clip, check the data, or pass "
+      f"was not applied and no checkpoint contains it; {saved}. Lower the learning rate or "
+      f"clip gradients (--config.optim.lr, --config.optim.grad_clip), check the data, or pass "
       f"--config.train.nan_policy=skip to skip such updates.")
 
 
