@@ -45,179 +45,22 @@ device, so donating the state buffers to the next train step is safe.
 import json
 import logging
 import os
-import re
 import signal
-import sys
-from typing import Any
 
 from etils import epath
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from launch import config_flags
+from launch.checkpoint_checks import (  # noqa: F401  (the first three: checkpoint.X)
+    CheckpointError, require_checkpoint, saved_steps,
+    as_abstract, check_state_leaves, config_json_value, is_iterator, layout_mismatch,
+    stored_names, short_error, silence_orphaned_reads)
 from launch.fingerprints import state_fingerprints
 
 _STATE, _CHECKSUMS, _CONFIG = "state", "checksums", "config"
 _DATA_ITERATOR, _DATA_STATE = "data_iterator", "data_state"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing or cannot be restored (corrupt, truncated, mismatched); the
-  message names the step and the command-line fix."""
-
-
-# --- before restoring: is there a checkpoint? -------------------------------------------
-
-
-def saved_steps(workdir: str | os.PathLike) -> list[int]:
-  """The finalized steps in `<workdir>/checkpoints`, read without creating anything (a
-  Checkpointer creates the folder, which a command that only reads must not do)."""
-  directory = epath.Path(workdir) / "checkpoints"
-  return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
-
-
-def require_checkpoint(workdir: str, step: int | None = None, *, flag: str = "--workdir",
-                       step_flag: str = "--step") -> int:
-  """The step to restore from `workdir` (`step`, or the latest); else a CheckpointError
-  naming the problem and the fix, before anything is built, restored or written.
-
-  flag, step_flag: the command-line flags that gave `workdir` and `step`, for the message.
-  """
-  steps = saved_steps(workdir)
-  if not steps:
-    missing = "" if epath.Path(workdir).exists() else " (the folder does not exist)"
-    raise CheckpointError(
-        f"{flag} {workdir} has no checkpoint{missing}: train first, with python -m "
-        f"launch.train --config <config file> --workdir {workdir}, or pass the workdir of "
-        f"a trained run.")
-  if step is None:
-    return steps[-1]
-  if int(step) not in steps:
-    raise CheckpointError(
-        f"{flag} {workdir} has no checkpoint for step {step}; its steps are {steps}. Pass "
-        f"{step_flag} with one of them, or leave {step_flag} out for the latest "
-        f"({steps[-1]}).")
-  return int(step)
-
-
-class _OrphanedReadsFilter(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for a failed restore's reads."""
-
-  def __init__(self):
-    super().__init__()
-    self.directories: set[str] = set()
-
-  def filter(self, record):
-    error = record.exc_info[1] if record.exc_info else None
-    return not (error is not None and any(d in str(error) for d in self.directories))
-
-
-_orphaned_reads = _OrphanedReadsFilter()
-
-
-def _silence_orphaned_reads(directory):
-  """After a failed restore, keep its other reads from flooding the terminal.
-
-  orbax reads every array concurrently; when one read fails it raises at once and closes
-  its event loop, and each read still in flight later fails to deliver its result to that
-  closed loop ("RuntimeError: Event loop is closed", printed through sys.unraisablehook,
-  hundreds of times) or dies unretrieved (asyncio logs the same tensorstore error again,
-  with kilobytes of spec). The restore's own error already says what went wrong, so both
-  are dropped: that one RuntimeError process-wide (it only ever means a result nobody
-  awaits any more), the asyncio log records only when they name this checkpoint.
-  """
-  _orphaned_reads.directories.add(str(directory))
-  asyncio_logger = logging.getLogger("asyncio")
-  if _orphaned_reads not in asyncio_logger.filters:
-    asyncio_logger.addFilter(_orphaned_reads)
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_callbacks", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
-
-
-# --- input checks -----------------------------------------------------------------------
-
-
-def _check_state_leaves(state):
-  """Orbax saves arrays; a bare Python or numpy scalar saves but fails to restore."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if not isinstance(leaf, (jax.Array, np.ndarray)):
-      raise TypeError(
-          f"Train state leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__} "
-          f"({leaf!r}); checkpoints hold arrays only. Store it as jnp.asarray(...) "
-          "(orbax cannot restore bare scalars).")
-
-
-def _as_abstract(abstract_state):
-  """Leaves -> ShapeDtypeStruct with a sharding on the current mesh (jax.Arrays accepted)."""
-
-  def convert(path, leaf):
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-      raise ValueError(
-          f"Abstract state leaf {jax.tree_util.keystr(path)} has no sharding. Give every "
-          "leaf as jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) "
-          "for the current mesh, so orbax knows where to place the restored shards.")
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-  return jax.tree_util.tree_map_with_path(convert, abstract_state)
-
-
-def _config_json_value(config) -> Any:
-  """ConfigDict / JSON text / dict -> a JSON-ready value (tuples tagged, see config_flags)."""
-  if isinstance(config, str):
-    return json.loads(config)
-  return json.loads(config_flags.config_to_json(config, indent=None))
-
-
-def _short(error: Exception, limit: int = 600) -> str:
-  """The gist of an orbax/tensorstore error (their messages append kilobytes of specs)."""
-  text = f"{type(error).__name__}: {error}".split(" [tensorstore_spec")[0]
-  return text if len(text) <= limit else text[:limit] + " ..."
-
-
-# Layer layouts: up to 8e9ee51 one module per block (`params/down/0/conv1/...`); now identical
-# blocks are stacked (`params/down/layers/block/conv1/...`, vdm/nets/stack.py).
-_UNSTACKED = re.compile(r"/(down|up|down_attn|up_attn|blocks)/\d+/")
-_STACKED = re.compile(r"/(layers|segments)/")
-
-
-def _names(path) -> list[str]:
-  """A pytree path as the names orbax stores it under (dict keys, attribute names, indices)."""
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
-def _paths(tree) -> list[str]:
-  return ["/" + "/".join(_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _layout_mismatch(saved_tree, target) -> str | None:
-  """Why a restore failed, if the saved state has the old per-block layer layout."""
-  saved, wanted = _paths(saved_tree), _paths(target)
-  if (not any(_STACKED.search(p) for p in wanted) or any(_STACKED.search(p) for p in saved)
-      or not any(_UNSTACKED.search(p) for p in saved)):
-    return None
-  example = next(p for p in saved if _UNSTACKED.search(p))
-  return (f"it was saved with the unstacked layer layout of vdiff before the scanned layers "
-          f"(commit 8e9ee51 and earlier: one module per block, e.g. '{example}'), but the "
-          "nets now stack identical blocks on a leading axis (e.g. "
-          "'/params/down/layers/block/conv1/kernel', vdm/nets/stack.py); "
-          "scan_layers=False uses the stacked layout too. Retrain in a fresh workdir, or "
-          "check out 8e9ee51 to sample, evaluate or distil from this checkpoint.")
-
-
-def _is_iterator(data_state) -> bool:
-  return hasattr(data_state, "get_state") and hasattr(data_state, "set_state")
 
 
 # --- the checkpointer ---------------------------------------------------------------------
@@ -234,7 +77,8 @@ class Checkpointer:
       the host). `wait()` or `close()` blocks until the write is committed.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int,
+               async_save: bool = True, read_only: bool = False):
     if int(save_every) < 1 or int(keep) < 1:
       raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, "
                        f"keep={keep}.")
@@ -248,8 +92,12 @@ class Checkpointer:
         save_interval_steps=self.save_every,
         max_to_keep=self.keep,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,  # remove tmp dirs left by a crashed save
-        create=True)
+        # Only the writer removes unfinished steps (left by a crashed save): to a reader, a
+        # step still being saved by a running trainer looks the same (on GCS, a step folder
+        # without commit_success.txt), and deleting it would break that save.
+        cleanup_tmp_directories=not read_only,
+        create=not read_only)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._sigterm = False
     self._previous_handler = None
@@ -325,22 +173,25 @@ class Checkpointer:
       True if a save was started (False off the interval, or if this Checkpointer
       already saved this step, e.g. an interval step that was also the preemption step).
     """
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only (evaluation, sampling, a "
+                         "teacher): it cannot save")
     step = int(step)
     if not (force or self.should_save(step)) or step == self._last_saved:
       return False
-    _check_state_leaves(state)
+    check_state_leaves(state)
     items = {
         _STATE: ocp.args.StandardSave(state),
         _CHECKSUMS: ocp.args.JsonSave(state_fingerprints(state)),
     }
-    if _is_iterator(data_state):
+    if is_iterator(data_state):
       items[_DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_state)
     elif isinstance(data_state, bytes):
       items[_DATA_STATE] = ocp.args.JsonSave({"bytes": data_state.decode("utf-8")})
     elif data_state is not None:
       items[_DATA_STATE] = ocp.args.JsonSave({"value": data_state})
     if config is not None:
-      items[_CONFIG] = ocp.args.JsonSave(_config_json_value(config))
+      items[_CONFIG] = ocp.args.JsonSave(config_json_value(config))
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except ocp.checkpoint_manager.StepAlreadyExistsError as e:
@@ -358,7 +209,7 @@ class Checkpointer:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"an asynchronous save into {self.directory} failed: "
-                            f"{_short(e)}") from e
+                            f"{short_error(e)}") from e
 
   def wait(self):
     """Blocks until the in-flight async save is committed (re-raises its error)."""
@@ -435,7 +286,7 @@ class Checkpointer:
         corrupt, truncated, lacks the state, or does not match `abstract_state`.
     """
     step = self._resolve_step(step)
-    target = _as_abstract(abstract_state)
+    target = as_abstract(abstract_state)
     directory = self.step_dir(step)
     present = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
     if _STATE not in present:
@@ -450,12 +301,12 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      _silence_orphaned_reads(directory)
+      silence_orphaned_reads(directory)
       try:
-        layout = _layout_mismatch(self._manager.item_metadata(step)[_STATE], target)
+        layout = layout_mismatch(self._manager.item_metadata(step)[_STATE], target)
       except Exception:  # pylint: disable=broad-except
         layout = None
-      raise self._error(step, layout or _short(e)) from e
+      raise self._error(step, layout or short_error(e)) from e
     state = restored[_STATE]
     if _CHECKSUMS in present:
       self._verify(step, state, restored[_CHECKSUMS])
@@ -469,11 +320,11 @@ class Checkpointer:
     teacher, a sampler), so the optimizer state is never read into memory. Returns {item:
     value} shaped as in `abstract_state`; checksums are verified for what is restored."""
     step = self._resolve_step(step)
-    wanted = {k: _as_abstract(abstract_state[k]) for k in items}
+    wanted = {k: as_abstract(abstract_state[k]) for k in items}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(wanted)
     nested = {}   # orbax's view of the same leaves: a dict nest keyed by path names
     for path, leaf in leaves:
-      *parents, name = _names(path)
+      *parents, name = stored_names(path)
       node = nested
       for parent in parents:
         node = node.setdefault(parent, {})
@@ -486,14 +337,14 @@ class Checkpointer:
       values = []
       for path, _ in leaves:
         node = restored
-        for name in _names(path):
+        for name in stored_names(path):
           node = node[name]
         values.append(node)
       checksums = directory / _CHECKSUMS / "metadata"
       saved = json.loads(checksums.read_text()) if checksums.exists() else None
     except Exception as e:  # pylint: disable=broad-except
-      _silence_orphaned_reads(directory)
-      raise self._error(step, _short(e)) from e
+      silence_orphaned_reads(directory)
+      raise self._error(step, short_error(e)) from e
     missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values)
                if isinstance(v, jax.ShapeDtypeStruct)]
     if missing:   # a partial restore leaves what the checkpoint lacks as it was given
@@ -543,5 +394,5 @@ class Checkpointer:
       value = self._manager.restore(step, args=ocp.args.Composite(
           **{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
     except Exception as e:  # pylint: disable=broad-except
-      raise self._error(step, _short(e)) from e
+      raise self._error(step, short_error(e)) from e
     return config_flags.config_from_json(json.dumps(value))

@@ -23,12 +23,11 @@ the stage's training time, and a PNG grid of samples;
 """
 
 import json
-import os
 
 from absl import app, flags
 
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distill_pipeline, distributed, metric_writer
+from launch import config_flags, distill_pipeline, distributed, fs, metric_writer
 from launch import setup as setup_lib
 
 _CONFIG = config_flags.define_config_flag("config", required=True)
@@ -43,10 +42,10 @@ def main(argv):
   metric_writer.setup_logging()
   check_inputs(_CONFIG.value, _TEACHER.value)
   distributed.initialize()
-  workdir = os.path.abspath(_WORKDIR.value or os.path.join(_TEACHER.value, "distill"))
+  workdir = fs.join(_WORKDIR.value or fs.join(_TEACHER.value, "distill"))  # local or gs://
   distill_pipeline.run_pipeline(_CONFIG.value, _TEACHER.value, workdir)
-  with open(os.path.join(workdir, "summary.jsonl"), encoding="utf-8") as f:
-    print(distill_pipeline.table([json.loads(line) for line in f]))
+  summary = (fs.path(workdir) / "summary.jsonl").read_text(encoding="utf-8")
+  print(distill_pipeline.table([json.loads(line) for line in summary.splitlines()]))
 
 
 def check_inputs(dcfg, teacher: str):
@@ -55,7 +54,7 @@ def check_inputs(dcfg, teacher: str):
   step = dcfg.distill.teacher_step or None
   checkpoint_lib.require_checkpoint(teacher, step, flag="--teacher",
                                     step_flag="--config.distill.teacher_step")
-  ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
+  ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000, read_only=True)
   teacher_config = ckpt.restore_config(step)
   ckpt.close()
   try:

@@ -196,7 +196,8 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
   if dcfg.distill.fid_weights:   # fail now, not after the first stage has trained
     inception.check_inception_file(dcfg.distill.fid_weights)
   teacher, workdir = fs.join(teacher), fs.join(workdir)   # absolute; gs:// kept
-  teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000)
+  teacher_ckpt = checkpoint_lib.Checkpointer(teacher, save_every=1, keep=1_000_000,
+                                             read_only=True)
   if teacher_ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {teacher}/checkpoints: train the teacher first "
                             "(python -m launch.train --config ... --workdir TEACHER)")
@@ -223,7 +224,8 @@ def run_pipeline(dcfg, teacher: str, workdir: str, devices=None) -> list[dict]:
       previous = stage_dir
       continue
     config = stage_config(teacher_config, dcfg, stage, previous, teacher)
-    probe = checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1_000_000)
+    probe = checkpoint_lib.Checkpointer(stage_dir, save_every=1, keep=1_000_000,
+                                        read_only=True)
     fresh = probe.latest_step() is None
     probe.close()
     if fresh:

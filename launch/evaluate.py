@@ -8,13 +8,12 @@ are printed and appended to workdir/eval_results.jsonl.
 """
 
 import json
-import os
 
 import jax
 from absl import flags
 
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags
+from launch import config_flags, fs
 from launch import workdir as workdir_lib
 from launch import distributed
 from launch import metric_writer
@@ -54,8 +53,7 @@ def main(argv):
                 num_time_samples=config.eval.num_time_samples)
   print(json.dumps(result))
   if distributed.is_main_process():
-    with open(os.path.join(_WORKDIR.value, "eval_results.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+    fs.append_line(fs.join(_WORKDIR.value, "eval_results.jsonl"), json.dumps(result))
   ckpt.close()
 
 

@@ -15,14 +15,13 @@ workdir/cascade_eval.jsonl.
 """
 
 import json
-import os
 
 import numpy as np
 from absl import flags
 
 from evaluation import digits_classifier
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed
+from launch import config_flags, distributed, fs
 from launch.cascade import per_stage, run_cascade
 from launch import metric_writer
 from launch.data import digits
@@ -85,9 +84,8 @@ def main(argv):
     print(json.dumps(row))
     results.append(row)
   if distributed.is_main_process():
-    with open(os.path.join(stages[-1], "cascade_eval.jsonl"), "a", encoding="utf-8") as f:
-      for row in results:
-        f.write(json.dumps(row) + "\n")
+    for row in results:
+      fs.append_line(fs.join(stages[-1], "cascade_eval.jsonl"), json.dumps(row))
 
 
 def run():

@@ -46,11 +46,9 @@ def use_emulator_if_set(environ=os.environ) -> dict:
   }
   set_now = {k: v for k, v in wanted.items() if k not in environ}
   environ.update(set_now)
-  try:   # fsspec reads FSSPEC_* when first imported; set its config too if it already was
-    import fsspec.config  # pylint: disable=g-import-not-at-top
-    fsspec.config.conf.setdefault("gcs", {}).setdefault("token", environ["FSSPEC_GCS_TOKEN"])
-  except ImportError:
-    pass
+  # fsspec reads FSSPEC_* when first imported; set its config too in case it already was
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("token", environ["FSSPEC_GCS_TOKEN"])
   return set_now
 
 
@@ -82,6 +80,19 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
   with tmp.open(mode) as f:
     f.write(data)
   os.replace(tmp, p)
+
+
+def append_line(p: PathLike, line: str) -> None:
+  """Adds one line to a small log file (evaluation results): an append locally; on GCS,
+  which cannot append, the file is read and rewritten whole."""
+  p = path(p)
+  if not is_remote(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", encoding="utf-8") as f:
+      f.write(line.rstrip("\n") + "\n")
+    return
+  old = p.read_text(encoding="utf-8") if p.exists() else ""
+  write_atomic(p, old + line.rstrip("\n") + "\n")
 
 
 @contextlib.contextmanager
@@ -136,4 +147,12 @@ def require_writable(directory: PathLike) -> None:
     raise OSError(f"cannot write to {d}: {type(e).__name__}: {e}. {hint}.") from e
 
 
+def _no_stale_listings():
+  """gcsfs caches folder listings per process; another process's new files (a checkpoint
+  another host or an earlier command wrote) would stay invisible. Listings are read fresh."""
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
 use_emulator_if_set()
+_no_stale_listings()

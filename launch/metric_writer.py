@@ -80,8 +80,10 @@ class MetricWriter:
   A resumed run passes the step it resumed from: rows of later steps, written by the run
   that stopped and about to be re-run, are dropped, so each step is in the file once.
   Locally each row is appended and flushed. GCS has no append: the whole file is rewritten
-  (one upload) at most every `flush_seconds` and on close, so a crash loses at most the rows
-  of those last seconds. TensorBoard events are flushed on the same clock.
+  (one upload) at most every `flush_seconds`, when the trainer saves a checkpoint, and on
+  close, so a crash loses at most the rows of those last seconds, and only rows of steps
+  after the last checkpoint, which the resumed run redoes anyway. TensorBoard events are
+  flushed on the same clock.
   """
 
   def __init__(self, workdir, *, resume_step: int = 0, enabled: bool | None = None,

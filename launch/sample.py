@@ -7,13 +7,12 @@ Earlier grids are never overwritten silently: the default name gets a number (_1
 when taken, and an --out that exists is refused unless --overwrite.
 """
 
-import os
 
 import jax
 from absl import flags
 
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags
+from launch import config_flags, fs
 from launch import workdir as workdir_lib
 from launch import distributed
 from launch import metric_writer
@@ -44,7 +43,7 @@ def main(argv):
                                             {"eval.sampler": _SAMPLER.value})
   config = setup.config
   step = int(jax.device_get(state["step"]))
-  out = _OUT.value or config_flags.fresh_output(os.path.join(
+  out = _OUT.value or config_flags.fresh_output(fs.join(
       _WORKDIR.value, "samples", f"sample_step{step}_{config.eval.sampler}{_STEPS.value}.png"),
       chosen=False, overwrite=False)
   samples = workdir_lib.sample_images(setup, state["ema"], jax.random.key(_SEED.value),

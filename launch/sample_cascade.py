@@ -17,7 +17,6 @@ holds files is refused unless --overwrite (the user chose that folder, so writin
 elsewhere would surprise them, and replacing its files would lose the earlier run).
 """
 
-import os
 
 import numpy as np
 from absl import flags
@@ -25,7 +24,7 @@ from etils import epath
 
 from launch import cascade, distributed, images
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags
+from launch import config_flags, fs
 from launch import metric_writer
 from vdm import losses
 
@@ -66,8 +65,8 @@ def read_prompts() -> list[str]:
     if not epath.Path(_PROMPTS_FILE.value).is_file():
       raise config_flags.InputError(f"--prompts_file {_PROMPTS_FILE.value} does not exist: "
                                     "pass a text file with one prompt per line.")
-    with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
-      prompts = [line.strip() for line in f if line.strip()]
+    text = epath.Path(_PROMPTS_FILE.value).read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
   else:
     prompts = list(_PROMPTS.value or [])
   if not prompts:
@@ -92,7 +91,7 @@ def main(argv):
         "flags take one value per stage or one for all.") from None
   for stage in stages:
     checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
-  out_dir = config_flags.fresh_output(_OUT.value or os.path.join(stages[-1], "cascade"),
+  out_dir = config_flags.fresh_output(_OUT.value or fs.join(stages[-1], "cascade"),
                                       chosen=_OUT.value is not None,
                                       overwrite=_OVERWRITE.value)
   distributed.initialize()
@@ -102,12 +101,11 @@ def main(argv):
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
       levels = setup.source.num_levels
-      path = os.path.join(out_dir, f"stage{i}_{x.shape[1]}x{x.shape[2]}.png")
+      path = fs.join(out_dir, f"stage{i}_{x.shape[1]}x{x.shape[2]}.png")
       images.write_grid(path, np.asarray(losses.x_to_int(x, levels)), levels,
                         columns=_NUM.value)
       print(path)
-    with open(os.path.join(out_dir, "prompts.txt"), "w", encoding="utf-8") as f:
-      f.write("\n".join(prompts) + "\n")
+    fs.write_atomic(fs.join(out_dir, "prompts.txt"), "\n".join(prompts) + "\n")
 
 
 def run():

@@ -109,6 +109,7 @@ def _nonfinite_error(step, metrics, ckpt):
 def train(config, workdir: str, devices=None) -> dict:
   """Trains until config.train.num_steps; returns the last evaluation's metrics."""
   # ----------------------------------------------------------------------------- setup
+  fs.require_writable(workdir)    # a missing bucket or no credentials: fail before any work
   setup = setup_lib.build(config, devices, workdir, workdir_lib.frozen_module(config))
   cfg = config.train
   logging.info("Mesh: %s", mesh_lib.describe(setup.mesh))
@@ -185,8 +186,9 @@ def train(config, workdir: str, devices=None) -> dict:
                                             num_steps=config.eval.sample_steps)
         workdir_lib.write_samples(setup, samples,
                                   fs.join(workdir, "samples", f"step_{step:08d}.png"))
-      ckpt.save(step, state, data_state=data_iter, config=config,
-                force=step == cfg.num_steps)
+      if ckpt.save(step, state, data_state=data_iter, config=config,
+                   force=step == cfg.num_steps):
+        writer.flush()   # metrics up to a checkpoint are on disk (GCS) when it is
       if ckpt.preemption_requested(step):
         # A SIGTERM that landed just after save() above: save now (a no-op if saved already).
         ckpt.save(step, state, data_state=data_iter, config=config, force=True)

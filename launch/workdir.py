@@ -63,7 +63,8 @@ def _setup_of_workdir(workdir, step, overrides, devices, with_frozen):
   """(setup, checkpointer) of a trained workdir: the config saved beside its checkpoint,
   completed with the family's defaults and then the overrides, built on a mesh of
   `devices`; nothing restored yet."""
-  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000,
+                                     read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train "
                             f"first with: python -m launch.train --config ... --workdir {workdir}")

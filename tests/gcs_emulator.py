@@ -10,6 +10,7 @@ that header (and its siblings) from the object's own metadata; nothing else is c
 """
 
 import argparse
+import logging
 import os
 import socket
 import subprocess
@@ -39,6 +40,7 @@ def _add_generation_headers():
 
 
 def serve(port: int, bucket: str):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # request log
   _add_generation_headers()
   from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top
   create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()

@@ -147,14 +147,13 @@ def has_train_record(workdir) -> bool:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  """Committed checkpoint steps of a local or gs:// workdir, as orbax sees them (on GCS a
-  step's folder exists before its save commits)."""
-  from launch import checkpoint  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint.Checkpointer(str(workdir), save_every=1, keep=100)
-  try:
-    return sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
+  """Finalized checkpoint steps of a local or gs:// workdir (on GCS a step's folder exists
+  before its save commits), read without a Checkpointer, which would clean up the folder
+  of a save in flight."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from launch import fs  # pylint: disable=g-import-not-at-top
+  directory = fs.path(workdir) / "checkpoints"
+  return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
 def iterator_state(workdir, step: int, process_index: int = 0, process_count: int = 1) -> dict:
@@ -181,7 +180,7 @@ def fresh_iterator_state(config, num_batches: int, process_index: int = 0,
 def restore(setup, workdir, step=None) -> dict:
   """A checkpoint's train state (default: the latest step) on `setup`'s mesh."""
   from launch import checkpoint  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint.Checkpointer(str(workdir), save_every=1, keep=100)
+  ckpt = checkpoint.Checkpointer(str(workdir), save_every=1, keep=100, read_only=True)
   try:
     return ckpt.restore(setup.abstract_state, step=step)[0]
   finally:

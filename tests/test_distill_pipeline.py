@@ -1,6 +1,10 @@
 """The `launch.distill` pipeline on the digits runlocal teacher: stages, the student's start
-from its teacher, per-stage summaries, and resuming a stage after a crash."""
+from its teacher, per-stage summaries, and resuming a stage after a crash.
 
+The teacher is trained into gs:// (the local GCS emulator) and the pipeline test distills it
+into a gs:// workdir, as on a pod; tests that edit a teacher checkpoint download a copy."""
+
+import io
 import json
 import os
 
@@ -14,7 +18,7 @@ from configs.distill import digits as distill_digits
 from configs.distill import digits_teacher
 from distill import experiment
 from launch import checkpoint as checkpoint_lib
-from launch import distill_pipeline, families, trainer
+from launch import distill_pipeline, families, fs, metric_writer, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 
@@ -48,12 +52,23 @@ def test_missing_fid_weights_fail_before_any_training(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher"))
+def teacher(gcs_bucket, tmp_path_factory):
+  workdir = f"{gcs_bucket}/{tmp_path_factory.mktemp('teacher').name}"
   config = digits_teacher.get_config("runlocal")     # v-parameterization
   config.train.update(dict(eval_every=0, sample_every=0, num_steps=4, checkpoint_every=4))
   trainer.train(config, workdir, devices=jax.devices()[:1])
   return workdir
+
+
+def _download(remote, local):
+  """Copies a gs:// folder to a local one, file by file."""
+  for item in fs.path(remote).iterdir():
+    if item.is_dir():
+      _download(item, os.path.join(local, item.name))
+    else:
+      os.makedirs(local, exist_ok=True)
+      with open(os.path.join(local, item.name), "wb") as f:
+        f.write(item.read_bytes())
 
 
 def _params(workdir, step):
@@ -63,11 +78,11 @@ def _params(workdir, step):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))
 
 
-def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, monkeypatch):
+def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, gcs_dir, monkeypatch):
   dcfg = distill_digits.get_config("runlocal")
   dcfg.distill.update(dict(start_steps=4, end_steps=1, train_steps=6))
   dcfg.train.update(dict(log_every=1, checkpoint_every=2, keep_checkpoints=100))
-  workdir = str(tmp_path / "distill")
+  workdir = gcs_dir                                   # teacher and students on gs://
   devices = jax.devices()[:1]
 
   # 1. a crash right after stage01 saved step 4 (of 6)
@@ -83,19 +98,17 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
   with pytest.raises(KeyboardInterrupt):
     distill_pipeline.run_pipeline(dcfg, teacher, workdir, devices)
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", original_save)
-  stage0, stage1 = os.path.join(workdir, "stage00_n2"), os.path.join(workdir, "stage01_n1")
-  assert os.path.exists(os.path.join(stage0, "summary.json"))
-  assert not os.path.exists(os.path.join(stage1, "summary.json"))
-  with open(os.path.join(stage0, "summary.json"), encoding="utf-8") as f:
-    summary0 = json.load(f)
+  stage0, stage1 = fs.join(workdir, "stage00_n2"), fs.join(workdir, "stage01_n1")
+  assert (fs.path(stage0) / "summary.json").exists()
+  assert not (fs.path(stage1) / "summary.json").exists()
+  summary0 = json.loads((fs.path(stage0) / "summary.json").read_text())
 
   # 2. the same command again: stage00 is skipped, stage01 continues from step 4
   rows = distill_pipeline.run_pipeline(dcfg, teacher, workdir, devices)
   assert [r["stage"] for r in rows] == ["stage00_n2", "stage01_n1"]
   assert rows[0] == summary0
   assert [r["student_steps"] for r in rows] == [2, 1] and all(r["train_steps"] == 6 for r in rows)
-  with open(os.path.join(stage1, "metrics.jsonl"), encoding="utf-8") as f:
-    steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+  steps = [r["step"] for r in metric_writer.read_metrics(stage1) if "train/loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6], steps        # no step trained twice, none skipped
 
   # 3. each student started as a copy of its teacher (step 0 = the teacher's EMA weights)
@@ -110,10 +123,10 @@ def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, tmp_path, mon
   # 4. summaries: quality of the student and of the teacher at the same step count, a grid
   for row in rows:
     assert np.isfinite(row["student_fd"]) and np.isfinite(row["teacher_ddim_fd"])
-    image = PIL.Image.open(row["samples_png"])
+    image = PIL.Image.open(io.BytesIO(fs.path(row["samples_png"]).read_bytes()))
     assert image.size[0] >= 8 * 4
-  with open(os.path.join(workdir, "summary.jsonl"), encoding="utf-8") as f:
-    lines = [json.loads(line) for line in f]
+  lines = [json.loads(line) for line in
+           (fs.path(workdir) / "summary.jsonl").read_text().splitlines()]
   assert [r["stage"] for r in lines] == ["teacher", "stage00_n2", "stage01_n1"]
   assert lines[0]["student_steps"] == 4 and np.isfinite(lines[0]["teacher_ddim_fd"])
 
@@ -150,9 +163,8 @@ def test_bad_teachers_are_clear_errors(teacher, tmp_path):
 def test_an_eps_teacher_is_refused_below_8_steps_before_any_training(teacher, tmp_path):
   """Salimans & Ho sec. 4: an eps-teacher's x-hat blows up as alpha -> 0, so students of
   fewer than 8 steps cannot be distilled from it; the pipeline says so before stage one."""
-  import shutil  # pylint: disable=g-import-not-at-top
   eps_teacher = str(tmp_path / "eps_teacher")
-  shutil.copytree(teacher, eps_teacher)
+  _download(teacher, eps_teacher)
   for meta in (tmp_path / "eps_teacher" / "checkpoints").glob("*/config/metadata"):
     saved = json.loads(meta.read_text())
     assert saved["model"]["parameterization"] == "v"
@@ -172,9 +184,8 @@ def test_an_eps_teacher_is_refused_below_8_steps_before_any_training(teacher, tm
 
 def test_a_checkpoint_saved_before_a_config_key_existed_still_loads(teacher, tmp_path):
   """Old workdirs: keys added to the configs later get their defaults when loading."""
-  import shutil  # pylint: disable=g-import-not-at-top
   old = str(tmp_path / "old")
-  shutil.copytree(teacher, old)
+  _download(teacher, old)
   (meta,) = [p for p in (tmp_path / "old" / "checkpoints").glob("*/config/metadata")]
   saved = json.loads(meta.read_text())
   del saved["model"]["p_uncond"], saved["eval"]["guidance_w"]

@@ -7,11 +7,12 @@ TFDS dataset (test_data.py). Here: the emulator mapping, errors before any work,
 """
 
 import json
+import time
 
 import jax
 import pytest
 
-from launch import fs, metric_writer, trainer
+from launch import checkpoint, fs, metric_writer, trainer
 from tests import runtime_helpers as h
 
 
@@ -83,3 +84,23 @@ def test_metrics_on_gcs_are_uploaded_on_the_flush_clock(gcs_dir):
   (events,) = list((fs.path(gcs_dir) / "tensorboard").iterdir())   # TensorBoard, on GCS too
   data = events.read_bytes()
   assert events.name.startswith("events.out.tfevents.") and b"loss" in data
+
+
+def test_a_reader_never_deletes_a_save_in_flight(gcs_dir):
+  """On GCS a step still being saved is a folder without commit_success.txt. Evaluation,
+  sampling and a distillation teacher open the workdir read-only and leave it alone; only
+  the trainer, the one writer, removes such a folder (left by a crashed save)."""
+  in_flight = fs.path(gcs_dir) / "checkpoints" / "7" / "state" / "part"
+  in_flight.write_text("partial")
+  reader = checkpoint.Checkpointer(gcs_dir, save_every=1, keep=5, read_only=True)
+  assert reader.all_steps() == []
+  with pytest.raises(RuntimeError, match="read-only"):
+    reader.save(8, {"x": jax.numpy.zeros(2)}, force=True)
+  reader.close()
+  time.sleep(2)                 # orbax cleans up in a background thread: give it time
+  assert in_flight.exists()
+  checkpoint.Checkpointer(gcs_dir, save_every=1, keep=5).close()   # the trainer's
+  deadline = time.monotonic() + 30
+  while in_flight.exists() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert not in_flight.exists()   # ... which is what a reader must not do

@@ -33,12 +33,13 @@ DIVERGING = ("optim.lr=1e30", "train.num_steps=6", "train.checkpoint_every=1",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, gcs_bucket):
   """Runs every subprocess of this module; returns them (finished) and what was observed.
 
   reference  9 steps, uninterrupted.
-  killed     the same command, SIGKILLed once checkpoints/3 exists; `resumed` then runs
-             the same command again in the same workdir, to the end.
+  killed     the same command with a gs:// workdir (the local GCS emulator), SIGKILLed once
+             checkpoint 3 is committed; `resumed` then runs the same command again in the
+             same workdir, to the end.
   sigterm    LONG; SIGTERM once a training step is logged.
   sigterm_race  LONG; the process SIGTERMs itself right after the trainer's save() at
              step 2 (a not-a-checkpoint step), just before the trainer checks the flag.
@@ -47,8 +48,8 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   started = []
 
-  def start(name, *overrides, log=None, **kwargs):
-    run = h.Run(root / name, *overrides, name=log, **kwargs)
+  def start(name, *overrides, log=None, workdir=None, **kwargs):
+    run = h.Run(workdir or root / name, *overrides, name=log, log_dir=root / name, **kwargs)
     started.append(run)
     return run
 
@@ -58,18 +59,19 @@ def runs(tmp_path_factory):
     reference = start("reference", *REFERENCE)
     nan_error = start("nan_error", *DIVERGING)
     reference.wait(TIMEOUT)
-    killed = start("resumed", *REFERENCE, log="killed")
+    on_gcs = f"{gcs_bucket}/{root.name}/resumed"
+    killed = start("resumed", *REFERENCE, log="killed", workdir=on_gcs)
     sigterm = start("sigterm", *LONG)
     sigterm_race = start("sigterm_race", *LONG, module="tests.runtime_helpers",
                          env=h.train_env(SIGTERM_AFTER_SAVE_AT_STEP=2))
 
-    h.wait_until(lambda: os.path.isdir(root / "resumed" / "checkpoints" / "3"), [killed],
-                 TIMEOUT, "checkpoint 3 of the run to kill")
+    h.wait_until(lambda: 3 in h.checkpoint_steps(on_gcs), [killed], TIMEOUT,
+                 "checkpoint 3 of the run to kill", interval=0.5)
     killed.signal(signal.SIGKILL)
     killed.wait(60)
-    at_kill = {"checkpoints": h.checkpoint_steps(root / "resumed"),
-               "logged": sorted(h.train_records(root / "resumed"))}
-    resumed = start("resumed", *REFERENCE, log="resume")
+    at_kill = {"checkpoints": h.checkpoint_steps(on_gcs),
+               "logged": sorted(h.train_records(on_gcs))}
+    resumed = start("resumed", *REFERENCE, log="resume", workdir=on_gcs)
 
     h.wait_until(lambda: h.has_train_record(root / "sigterm"), [sigterm], TIMEOUT,
                  "a logged training step")
@@ -97,7 +99,7 @@ def _ok(run):
   assert run.proc.returncode == 0, run.tail()
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(runs, setup_8):
+def test_sigkill_then_rerun_on_gcs_equals_an_uninterrupted_run(runs, setup_8):
   reference, resumed, at_kill = runs["reference"], runs["resumed"], runs["at_kill"]
   _ok(reference)
   _ok(resumed)
@@ -113,6 +115,9 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(runs, setup_8):
   ref_records, res_records = h.train_records(reference.workdir), h.train_records(
       resumed.workdir)
   assert sorted(ref_records) == sorted(res_records) == list(range(1, 10))
+  # ... each step once in metrics.jsonl: the rerun dropped rows of the steps it redid
+  logged = [r["step"] for r in h.metrics(resumed.workdir) if "train/loss" in r]
+  assert logged == list(range(1, 10)), logged
   for step in range(1, 10):
     assert res_records[step]["train/loss"] == ref_records[step]["train/loss"], step
   assert h.checkpoint_steps(reference.workdir) == h.checkpoint_steps(resumed.workdir) == [3, 6, 9]
