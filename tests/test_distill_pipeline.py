@@ -7,6 +7,8 @@ into a gs:// workdir, as on a pod; tests that edit a teacher checkpoint download
 import io
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ from launch import checkpoint as checkpoint_lib
 from launch import distill_pipeline, families, fs, metric_writer, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
+from tests import runtime_helpers as h
 
 
 def _plan(start, end, guided=False):
@@ -193,3 +196,31 @@ def test_a_checkpoint_saved_before_a_config_key_existed_still_loads(teacher, tmp
   setup, _, ckpt = workdir_lib.load_workdir(old, devices=jax.devices()[:1], with_frozen=False)
   ckpt.close()
   assert setup.config.model.p_uncond == 0.0 and setup.config.eval.guidance_w == 0.0
+
+
+def test_evaluate_and_sample_commands_on_a_gcs_workdir(teacher):
+  """`launch.evaluate` and `launch.sample` with --workdir gs://... (the emulator), as a pod
+  user runs them: the result row lands in gs://.../eval_results.jsonl with the bits/dim an
+  in-process evaluation of the same checkpoint gives, the grid in gs://.../samples/."""
+  env = h.train_env(8)
+  commands = {"evaluate": ["launch.evaluate", "--max_examples", "16"],
+              "sample": ["launch.sample", "--num", "4", "--steps", "2"]}
+  procs = {k: subprocess.Popen([sys.executable, "-m", *argv, "--workdir", teacher],
+                               cwd=h.REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+           for k, argv in commands.items()}
+  outputs = {k: p.communicate(timeout=300)[0] for k, p in procs.items()}
+  for k, p in procs.items():
+    assert p.returncode == 0, outputs[k][-3000:]
+  (row,) = [json.loads(line) for line in
+            (fs.path(teacher) / "eval_results.jsonl").read_text().splitlines()]
+  setup, state, ckpt = workdir_lib.load_workdir(teacher, overrides={"eval.max_examples": 16})
+  ckpt.close()
+  want = workdir_lib.evaluate_bpd(setup, state["ema"], split=setup.config.data.eval_split,
+                                  rng=jax.random.key(setup.config.seed + 2))
+  assert row["step"] == 4 and row["num_examples"] == 16
+  np.testing.assert_allclose(row["bpd"], want["bpd"], rtol=1e-5)
+  png = outputs["sample"].strip().splitlines()[-1]
+  assert png.startswith(f"{teacher}/samples/") and png.endswith(".png")
+  grid = PIL.Image.open(io.BytesIO(fs.path(png).read_bytes()))
+  assert grid.size == ((2 * (8 + 1) + 1) * 8,) * 2   # 2 x 2 cells of 8 px, 1 px gaps, x 8
