@@ -34,7 +34,8 @@ setup(
         # transformers: the PyTorch T5 encoder and tokenizer our T5 is checked against.
         # libtpu: `launch.aot` and its test compile for TPU slices on a CPU-only machine.
         # gcp-storage-emulator: a local GCS API for the gs:// tests (tests/gcs_emulator.py).
-        "test": ["pytest==9.0.3", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0",
+        # pytest-xdist: the suite runs on two workers (pytest.ini).
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "torch==2.13.0", "diffusers==0.42.1", "transformers==5.23.0",
                  "libtpu==0.0.42.1", "gcp-storage-emulator==2026.7.19"],
         # On a Cloud TPU VM, or anywhere for ahead-of-time compilation (python -m launch.aot).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
