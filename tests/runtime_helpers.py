@@ -115,6 +115,16 @@ class Run:
       self.proc.wait(30)
 
 
+def start_processes(workdir, *overrides, num: int = 2, devices: int = 4, **env) -> list:
+  """`num` launch.train processes of one multi-process run (gloo over localhost), each with
+  `devices` CPU devices, writing to one workdir; logs process_<i>.log."""
+  port = free_port()
+  return [Run(workdir, *overrides, name=f"process_{i}",
+              env=train_env(devices, COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                            NUM_PROCESSES=num, PROCESS_ID=i, **env))
+          for i in range(num)]
+
+
 def wait_until(condition, runs, timeout: float, what: str, interval: float = 0.05):
   """Polls `condition()` until true; fails early if one of `runs` exits meanwhile."""
   deadline = time.monotonic() + timeout

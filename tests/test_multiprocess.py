@@ -39,13 +39,9 @@ OVERRIDES = (f"train.num_steps={STEPS}", "train.checkpoint_every=1000")
 def runs(tmp_path_factory):
   """The 2-process run and the 1-process reference, side by side."""
   root = tmp_path_factory.mktemp("multiprocess")
-  port = h.free_port()
   started = []
   try:
-    for i in range(2):
-      env = h.train_env(4, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES=2,
-                        PROCESS_ID=i)
-      started.append(h.Run(root / "two_processes", *OVERRIDES, env=env, name=f"process_{i}"))
+    started += h.start_processes(root / "two_processes", *OVERRIDES)
     started.append(h.Run(root / "one_process", *OVERRIDES,
                          env=h.train_env(8, SIMULATED_PROCESSES=2),
                          module="tests.runtime_helpers"))

@@ -37,14 +37,10 @@ OVERRIDES = (f"train.num_steps={NUM_STEPS}", "train.checkpoint_every=1000")
 def preempted(tmp_path_factory):
   """Two processes training; SIGTERM to process 1 after the first logged step."""
   workdir = tmp_path_factory.mktemp("preempted")
-  port = h.free_port()
   runs = []
   try:
-    for i in range(2):
-      # TF_CPP_MIN_LOG_LEVEL=1 (JAX's default): the C++ warning "SIGTERM caught" is logged.
-      env = h.train_env(4, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES=2,
-                        PROCESS_ID=i, TF_CPP_MIN_LOG_LEVEL=1)
-      runs.append(h.Run(workdir, *OVERRIDES, env=env, name=f"process_{i}"))
+    # TF_CPP_MIN_LOG_LEVEL=1 (JAX's default): the C++ warning "SIGTERM caught" is logged.
+    runs += h.start_processes(workdir, *OVERRIDES, TF_CPP_MIN_LOG_LEVEL=1)
     h.wait_until(lambda: h.has_train_record(workdir), runs, TIMEOUT, "the first train step")
     reached = max(h.train_records(workdir))
     runs[1].signal(signal.SIGTERM)
