@@ -298,10 +298,10 @@ class Checkpointer:
       items[_DATA_STATE] = ocp.args.JsonRestore()
     if _DATA_ITERATOR in present and data_iterator is not None:
       items[_DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
+    silence_orphaned_reads(directory)   # before reading: a failure's leftovers race the raise
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      silence_orphaned_reads(directory)
       try:
         layout = layout_mismatch(self._manager.item_metadata(step)[_STATE], target)
       except Exception:  # pylint: disable=broad-except
@@ -330,6 +330,7 @@ class Checkpointer:
         node = node.setdefault(parent, {})
       node[name] = leaf
     directory = self.step_dir(step)
+    silence_orphaned_reads(directory)   # before reading: a failure's leftovers race the raise
     try:
       restored = ocp.PyTreeCheckpointer().restore(directory / _STATE, args=ocp.args.PyTreeRestore(
           nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
@@ -343,7 +344,6 @@ class Checkpointer:
       checksums = directory / _CHECKSUMS / "metadata"
       saved = json.loads(checksums.read_text()) if checksums.exists() else None
     except Exception as e:  # pylint: disable=broad-except
-      silence_orphaned_reads(directory)
       raise self._error(step, short_error(e)) from e
     missing = [jax.tree_util.keystr(path) for (path, _), v in zip(leaves, values)
                if isinstance(v, jax.ShapeDtypeStruct)]

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 from etils import epath
@@ -75,15 +76,17 @@ _orphaned_reads = _OrphanedReadsFilter()
 
 
 def silence_orphaned_reads(directory):
-  """After a failed restore, keep its other reads from flooding the terminal.
+  """Installed before every restore: if it fails, its other reads must not flood the
+  terminal (installing it only after the failure raced them on a busy machine).
 
   orbax reads every array concurrently; when one read fails it raises at once and closes
   its event loop, and each read still in flight later fails to deliver its result to that
   closed loop ("RuntimeError: Event loop is closed", printed through sys.unraisablehook,
   hundreds of times) or dies unretrieved (asyncio logs the same tensorstore error again,
   with kilobytes of spec). The restore's own error already says what went wrong, so both
-  are dropped: that one RuntimeError process-wide (it only ever means a result nobody
-  awaits any more), the asyncio log records only when they name this checkpoint.
+  are dropped: that one RuntimeError process-wide, from sys.unraisablehook and from worker
+  threads (it only ever means a result nobody awaits any more), the asyncio log records
+  only when they name this checkpoint.
   """
   _orphaned_reads.directories.add(str(directory))
   asyncio_logger = logging.getLogger("asyncio")
@@ -93,13 +96,21 @@ def silence_orphaned_reads(directory):
   if getattr(previous, "drops_closed_loop_callbacks", False):
     return
 
+  closed = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
   def hook(unraisable):
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    if not closed(unraisable.exc_value):
       previous(unraisable)
+
+  previous_thread_hook = threading.excepthook
+
+  def thread_hook(args):     # the same error raised in one of orbax's worker threads
+    if not closed(args.exc_value):
+      previous_thread_hook(args)
 
   hook.drops_closed_loop_callbacks = True
   sys.unraisablehook = hook
+  threading.excepthook = thread_hook
 
 
 # --- input checks -----------------------------------------------------------------------
