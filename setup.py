@@ -28,6 +28,7 @@ setup(
         "absl-py==2.5.1",
         "regex==2026.5.9",            # CLIP's BPE pre-tokenizer (evaluation/clip_tokenizer.py)
         "gcsfs==2026.10.1",           # gs:// paths through etils.epath (launch/fs.py)
+        "av==18.1.0",                 # PyAV (FFmpeg + libx264): video files in, MP4 out
     ],
     extras_require={
         # Test-only references: diffusers' DDIM scheduler (needs torch; the CPU wheel).

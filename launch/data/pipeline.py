@@ -6,6 +6,13 @@ for 8-bit data, 17 for the digits), `num_classes` (0 if unlabelled) and `image_s
 Sources: `digits.DigitsSource`, `tfds_source.TfdsSource`, `synthetic.SyntheticSource`,
 all reachable through `get_source(name, split)`.
 
+Video sources give "video": uint8 [F, H, W, C] in place of "image" (batched to
+[B, F, H, W, C]) and add `num_frames`, `frame_shape` and `video_shape` to the metadata
+(their `image_shape` is the frame shape): `moving_digits.MovingDigitsSource` (the offline
+default), `video_files.VideoJsonlSource` and `video_files.TfdsVideoSource`, reached through
+`get_source(name, split, **options)` with the options of moving_digits.from_name or of the
+video_files sources (num_frames, frame_stride, frame_size, ...).
+
 Batches are dicts of numpy arrays with a leading per-process batch axis:
   "image": int32 pixel values in 0..num_levels-1 (integers, not floats: the discrete
            decoder's likelihood needs the level index). The MODEL SIDE maps them to
@@ -33,9 +40,11 @@ import jax
 import numpy as np
 
 from launch.data import digits as digits_lib
+from launch.data import moving_digits as moving_digits_lib
 from launch.data import synthetic as synthetic_lib
 
-OFFLINE_SOURCES = ("digits", "synthetic:HxWxC")
+OFFLINE_SOURCES = ("digits", "synthetic:HxWxC", "moving_digits[:FxHxW]")
+VIDEO_SOURCES = ("moving_digits[:FxHxW]", "video_jsonl:/dir/{split}.jsonl", "tfds_video:NAME")
 
 
 class ImageSource(Protocol):
@@ -51,13 +60,31 @@ class ImageSource(Protocol):
     ...
 
 
-def get_source(name: str, split: str, data_dir=None) -> ImageSource:
-  """A source by name: "digits", "synthetic:HxWxC", or a tfds dataset name.
+def get_source(name: str, split: str, data_dir=None, **options) -> ImageSource:
+  """A source by name: "digits", "synthetic:HxWxC", a video source, or a tfds dataset name.
+
+  Video sources take `options` (image sources take none):
+    "moving_digits" (8 frames of 16x16) or "moving_digits:FxHxW": frame_stride, max_speed,
+        videos_per_digit (launch/data/moving_digits.py);
+    "video_jsonl:/dir/{split}.jsonl": num_frames, frame_stride, frame_size, mode;
+    "tfds_video:NAME" (read from data_dir like tfds names): num_frames, frame_stride,
+        frame_size, video_key, caption_key, label_key (launch/data/video_files.py).
 
   A tfds name (e.g. "cifar10", "downsampled_imagenet/64x64", or a dataset you prepared) is
   read from data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets; a name found nowhere
   raises FileNotFoundError listing the valid names and how to prepare a tfds dataset.
   """
+  if name == "moving_digits" or name.startswith("moving_digits:"):
+    return moving_digits_lib.from_name(name, split, **options)
+  if name.startswith(("video_jsonl:", "tfds_video:")):
+    from launch.data import video_files  # pylint: disable=g-import-not-at-top  (imports av)
+    if name.startswith("video_jsonl:"):
+      return video_files.VideoJsonlSource(
+          video_files.jsonl_path(name[len("video_jsonl:"):], split), split, **options)
+    return video_files.TfdsVideoSource(name[len("tfds_video:"):], split, data_dir, **options)
+  if options:
+    raise ValueError(f"source {name!r} takes no options, got {sorted(options)}; options are "
+                     f"for the video sources {VIDEO_SOURCES}")
   if name == "digits":
     return digits_lib.DigitsSource(split)
   if name.startswith("synthetic"):
@@ -74,7 +101,7 @@ def get_source(name: str, split: str, data_dir=None) -> ImageSource:
 
 
 class ToModelInputs(grain.transforms.Map):
-  """uint8 image -> int32 levels 0..num_levels-1 and label -> int32; other keys kept.
+  """uint8 image (or video) -> int32 levels 0..num_levels-1, label -> int32; other keys kept.
 
   Rejects pixel values >= num_levels: they mean the source's num_levels is wrong, which
   would silently corrupt the discrete likelihood.
@@ -84,12 +111,15 @@ class ToModelInputs(grain.transforms.Map):
     self.num_levels = int(num_levels)
 
   def map(self, element: dict) -> dict:
-    image = np.asarray(element["image"])
-    if image.size and int(image.max()) >= self.num_levels:
-      raise ValueError(f"pixel value {int(image.max())} >= num_levels={self.num_levels}: "
-                       "the source's num_levels does not match its data")
     out = dict(element)
-    out["image"] = image.astype(np.int32)
+    for key in ("image", "video"):
+      if key not in element:
+        continue
+      pixels = np.asarray(element[key])
+      if pixels.size and int(pixels.max()) >= self.num_levels:
+        raise ValueError(f"pixel value {int(pixels.max())} >= num_levels={self.num_levels}: "
+                         "the source's num_levels does not match its data")
+      out[key] = pixels.astype(np.int32)
     out["label"] = np.int32(element["label"])
     return out
 
