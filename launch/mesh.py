@@ -19,7 +19,7 @@ Logical axis rules
 ------------------
 Networks name the dimensions of their parameters with logical names (vdm/nets/layers.py):
 "conv_in", "conv_out", "embed", "mlp", "heads", "kv", "norm", "vocab" (None for unnamed
-dims); activations use "batch", "length", "height", "width", "channels". A rule set is a
+dims); activations use "batch", "frames", "length", "height", "width", "channels". A rule set is a
 sequence of (logical_name, mesh_axis) pairs, mesh_axis a mesh axis name, a tuple of them,
 or None (replicated). `rules_for` gives three presets; switching between data parallel,
 FSDP and tensor parallel is a change of `config.mesh.rules` and `config.mesh.ici` only.
@@ -42,7 +42,7 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 PARAM_NAMES = ("conv_in", "conv_out", "embed", "mlp", "heads", "kv", "norm", "vocab")
-ACTIVATION_NAMES = ("batch", "length", "height", "width", "channels")
+ACTIVATION_NAMES = ("batch", "frames", "length", "height", "width", "channels")
 LOGICAL_NAMES = PARAM_NAMES + ACTIVATION_NAMES
 
 Rules = tuple[tuple[str, Any], ...]
@@ -161,8 +161,9 @@ def describe(mesh: Mesh) -> str:
 
 # --- logical axis rules --------------------------------------------------------------------
 
-_ACTIVATIONS_REPLICATED = (("length", None), ("height", None), ("width", None),
-                           ("channels", None))
+# "frames": a video's frame axis (imagen/video_unet.py); a rule set may shard it.
+_ACTIVATIONS_REPLICATED = (("frames", None), ("length", None), ("height", None),
+                           ("width", None), ("channels", None))
 
 PRESETS = {
     # Pure data parallelism: every parameter replicated, the batch split over data x fsdp.
