@@ -15,8 +15,6 @@ neighbours (first 2 known, x^a = [1.5, 1.5]); "video", a [2 frames, 4x4, 1] Gaus
 (squared-exponential in space, AR(1) in time) seen through 2x2 average pooling.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,7 +144,6 @@ def check_against_law(samples, mean, cov, what):
 
 def test_guided_prediction_is_eq7_and_tends_to_the_exact_conditional_denoiser():
   sigma_x = ar1_cov(F)
-  a_sel = np.eye(F)[:K]
   denoise = exact_denoiser(sigma_x)
   obs = rg.known_entries(np.broadcast_to(np.r_[XA, np.zeros(F - K)], (5, F)), np.arange(F) < K)
   logsnr = np.array([-4.0, -1.0, 2.0, 6.0, 10.0])
@@ -188,11 +185,14 @@ def test_guided_prediction_is_eq7_and_tends_to_the_exact_conditional_denoiser():
 # --- sampling on the "frames" Gaussian --------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("replace",))
+# One compiled program per `replace` serves every guidance weight (w_r is traced).
+SAMPLE_FRAMES = {replace: rg.window_sampler(exact_denoiser(ar1_cov(F)), logsnr_fn, F,
+                                            num_steps=STEPS, replace=replace)
+                 for replace in (True, False)}
+
+
 def _sample_frames(x_a, w_r, rng, replace=True):
-  obs = rg.known_entries(jnp.pad(x_a, ((0, 0), (0, F - K))), jnp.arange(F) < K)
-  return rg.conditional_sample(exact_denoiser(ar1_cov(F)), logsnr_fn, obs, (x_a.shape[0], F),
-                               rng, num_steps=STEPS, w_r=w_r, replace=replace)
+  return SAMPLE_FRAMES[replace](x_a, rng, w_r)
 
 
 def test_reconstruction_guidance_beats_replacement_on_a_gaussian():
@@ -341,14 +341,19 @@ def test_average_pooling_and_its_pseudo_inverse():
                              .reshape(-1), pool_matrix()[:4, :16] @ flat, atol=1e-6)
 
 
-def test_window_sampler_keeps_the_known_frames_of_a_video():
-  """A [B, F, H, W, C] window: the first k frames come back as given, the rest are sampled."""
-  halve = lambda z, logsnr, cond: process.from_x(z, 0.5 * z, logsnr)
-  known = jnp.asarray(np.random.default_rng(7).normal(size=(2, 2, 3, 3, 1)), jnp.float32)
-  window = rg.window_sampler(halve, logsnr_fn, 5, num_steps=3, w_r=2.0)(known, jax.random.key(0))
-  assert window.shape == (2, 5, 3, 3, 1)
-  np.testing.assert_array_equal(window[:, :2], known)
-  assert np.all(np.isfinite(np.asarray(window))) and np.std(np.asarray(window[:, 2:])) > 0.1
+def test_known_frames_of_a_video():
+  """A [B, F, H, W, C] window with its first k frames known: y holds them (zeros after),
+  A keeps them, and eq. 7's gradient acts on the other frames."""
+  known = np.random.default_rng(7).normal(size=(2, 2, 3, 3, 1)).astype(np.float32)
+  obs = rg.known_frames(known, 5)
+  assert obs.y.shape == (2, 5, 3, 3, 1)
+  np.testing.assert_array_equal(obs.y[:, :2], known)
+  np.testing.assert_array_equal(obs.y[:, 2:], 0.0)
+  x = np.ones((2, 5, 3, 3, 1), np.float32)
+  np.testing.assert_array_equal(obs.forward(x)[:, :2], 1.0)
+  np.testing.assert_array_equal(obs.forward(x)[:, 2:], 0.0)
+  np.testing.assert_array_equal(np.broadcast_to(obs.guide, x.shape)[:, 2:], True)
+  np.testing.assert_array_equal(np.broadcast_to(obs.guide, x.shape)[:, :2], False)
 
 
 @pytest.mark.parametrize("call, match", [

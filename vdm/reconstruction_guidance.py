@@ -285,15 +285,21 @@ def replacement_sample(denoise_fn, logsnr_fn, obs: Observation, shape, rng, **kw
 
 def window_sampler(denoise_fn, logsnr_fn, num_frames: int, *, frame_axis: int = 1,
                    jit: bool = True, **kwargs):
-  """(known [B, k, ...], rng) -> a window [B, num_frames, ...] whose first k frames are
-  `known`, the rest sampled by `conditional_sample` (reconstruction guidance by default;
-  kwargs go there: w_r, replace, num_steps, sampler, cond, ...). Jitted unless jit=False."""
+  """A window sampler for `extend_video`: (known [B, k, ...], rng, w_r=1.0) -> a window
+  [B, num_frames, ...] whose first k frames are `known` and the rest are sampled by
+  `conditional_sample` (kwargs go there: replace, num_steps, sampler, cond, ...).
 
-  def sample_window(known, rng):
+  w_r is an argument of the returned function, so under jit (the default) one compiled
+  program serves every guidance weight (w_r = 0 with replacement: the replacement method).
+  """
+  if "w_r" in kwargs:
+    raise ValueError("pass w_r to the returned window sampler, not to window_sampler")
+
+  def sample_window(known, rng, w_r=1.0):
     obs = known_frames(known, num_frames, frame_axis)
     shape = list(known.shape)
     shape[frame_axis] = num_frames
-    return conditional_sample(denoise_fn, logsnr_fn, obs, shape, rng, **kwargs)
+    return conditional_sample(denoise_fn, logsnr_fn, obs, shape, rng, w_r=w_r, **kwargs)
 
   return jax.jit(sample_window) if jit else sample_window
 
@@ -302,7 +308,8 @@ def extend_video(sample_window, video, rng, *, num_known: int, total_frames: int
                  frame_axis: int = 1):
   """Extends `video` ([B, F0, ...], F0 >= num_known) autoregressively to `total_frames`.
 
-  `sample_window(known, rng)` (e.g. `window_sampler(...)`) returns a window of the model's
+  `sample_window(known, rng)` (e.g. `window_sampler(...)`, with w_r bound by
+  functools.partial if not 1) returns a window of the model's
   training length F whose first `num_known` frames are `known`: each round passes the last
   `num_known` frames so far and appends the window's F - num_known new frames (the last
   round only as many as are still missing). Returns [B, total_frames, ...], starting with
