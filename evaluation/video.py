@@ -31,6 +31,11 @@ random on 16x16), against 73% for the centre-of-mass placement alone, and the cl
 accuracy on the crops is 0.912 against 0.926 on the digits themselves (0.795 without the
 slide): digits whose own centre of mass is off the average lose a column to a pure
 centre-of-mass crop. An 8x8 canvas is used as is.
+
+On the real moving digits (launch/data/moving_digits.py, test split: 297 videos of 8 frames,
+16x16, their captions) the measures give alignment 0.917, direction accuracy 1.0, identity
+consistency 0.998, and the FD against the first 297 train videos is 0.76: the values a
+perfect sampler approaches (FD only at equal N).
 """
 
 import functools
