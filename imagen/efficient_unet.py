@@ -307,14 +307,9 @@ class EfficientUNet(nnx.Module):
                       (("label",) if num_classes is not None else ()) +
                       (("guidance_w",) if guidance_embedding else ()))
 
-    self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
-    self.aug_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
-                    if lowres_cond else None)
-    self.class_emb = (layers.ClassEmbedding(num_classes, emb_ch, rngs=rngs)
-                      if num_classes is not None else None)
-    self.null_text = table(1, text_dim, rngs=rngs) if text_dim is not None else None
-    self.text_pool = (AttentionPool(text_dim, emb_ch, num_heads=num_heads, dtype=dtype,
-                                    rngs=rngs) if text_dim is not None else None)
+    self._conditioning_modules(ch, emb_ch, text_dim=text_dim, lowres_cond=lowres_cond,
+                               num_classes=num_classes, num_heads=num_heads, dtype=dtype,
+                               rngs=rngs)
 
     common = dict(emb_ch=emb_ch, text_dim=text_dim, num_heads=num_heads, dropout=dropout,
                   scan_layers=scan_layers, remat=stack.check_remat(remat), dtype=dtype,
@@ -344,6 +339,20 @@ class EfficientUNet(nnx.Module):
 
   # --- conditioning ---
 
+
+  def _conditioning_modules(self, ch, emb_ch, *, text_dim, lowres_cond, num_classes,
+                            num_heads, dtype, rngs):
+    """The embeddings of the noise level, the SR input's augmentation level, the class and
+    the text (null token, attention pooling), under the names `embedding` and
+    `text_tokens` use; the video U-Net builds them the same way."""
+    self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
+    self.aug_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
+                    if lowres_cond else None)
+    self.class_emb = (layers.ClassEmbedding(num_classes, emb_ch, rngs=rngs)
+                      if num_classes is not None else None)
+    self.null_text = table(1, text_dim, rngs=rngs) if text_dim is not None else None
+    self.text_pool = (AttentionPool(text_dim, emb_ch, num_heads=num_heads, dtype=dtype,
+                                    rngs=rngs) if text_dim is not None else None)
   def text_tokens(self, cond: dict, batch: int):
     """([B, 1 + L, text_dim] float32 tokens, [B, 1 + L] bool mask), null token first.
 

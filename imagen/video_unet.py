@@ -88,8 +88,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen.efficient_unet import (AttentionPool, CrossAttentionBlock, EfficientResBlock,
-                                   EfficientUNet, _per_level, table)
+from imagen.efficient_unet import (CrossAttentionBlock, EfficientResBlock, EfficientUNet,
+                                   _per_level)
 from imagen.temporal_layers import (  # noqa: F401  (the last three: video_unet.X)
     TemporalAttention, TemporalConv, frame_links, REL_BIAS, TEMPORAL_CONV_KERNEL)
 from vdm.nets import layers, stack
@@ -256,14 +256,9 @@ class VideoUNet(EfficientUNet):
                       (("fps",) if fps_cond else ()) + ("is_image",))
 
     # Conditioning modules under the names EfficientUNet's methods use.
-    self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
-    self.aug_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
-                    if lowres_cond else None)
-    self.class_emb = (layers.ClassEmbedding(num_classes, emb_ch, rngs=rngs)
-                      if num_classes is not None else None)
-    self.null_text = table(1, text_dim, rngs=rngs) if text_dim is not None else None
-    self.text_pool = (AttentionPool(text_dim, emb_ch, num_heads=num_heads, dtype=dtype,
-                                    rngs=rngs) if text_dim is not None else None)
+    self._conditioning_modules(ch, emb_ch, text_dim=text_dim, lowres_cond=lowres_cond,
+                               num_classes=num_classes, num_heads=num_heads, dtype=dtype,
+                               rngs=rngs)
 
     def level_kw(i):
       temporal = ("attention" if sizes[i] in attn_t_at else

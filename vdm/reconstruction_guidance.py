@@ -238,19 +238,9 @@ def conditional_sample(denoise_fn: Callable[..., process.Prediction],
     raise ValueError(f"the observation y has shape {tuple(obs.y.shape)} but A maps x of shape "
                      f"{shape} to {tuple(want_y)}: sample a shape that matches the known "
                      "frames / low-resolution video (same batch, frames, channels)")
-  init_rng, loop_rng = jax.random.split(rng)  # as samplers.sample, so w_r=0 runs match it
+  # The same start and steps as samplers.sample, so w_r = 0 runs match it.
+  z_init, loop_rng, logsnr_at = samplers.loop_start(rng, shape, z_init, logsnr_fn, num_steps)
   replace_rng = jax.random.fold_in(loop_rng, num_steps + 1)  # indices the steps never use
-  if z_init is None:
-    z_init = jax.random.normal(init_rng, shape, jnp.float32)
-  elif tuple(z_init.shape) != shape:
-    raise ValueError(f"z_init has shape {z_init.shape} but shape={shape}")
-  z_init = jnp.asarray(z_init, jnp.float32)
-  batch = shape[0]
-  stochastic = sampler == "ancestral" or not (isinstance(eta, (int, float)) and eta == 0)
-
-  def logsnr_at(i):
-    t = jnp.asarray(i, jnp.float32) / num_steps
-    return jnp.asarray(logsnr_fn(jnp.full((batch,), t, jnp.float32)), jnp.float32)
 
   def predict(z, i):
     logsnr = logsnr_at(i)
@@ -263,11 +253,7 @@ def conditional_sample(denoise_fn: Callable[..., process.Prediction],
   def body(k, z):
     i = num_steps - k  # k = 0 .. N-2 steps from t = i/N to s = (i-1)/N.
     pred, z = predict(z, i)
-    noise = (jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
-             if stochastic else None)
-    if sampler == "ancestral":
-      return samplers.ancestral_step(pred, z, logsnr_at(i), logsnr_at(i - 1), noise)
-    return samplers.ddim_step(pred, z, logsnr_at(i), logsnr_at(i - 1), eta, noise)
+    return samplers.step_to(sampler, eta, pred, z, i, logsnr_at, loop_rng)
 
   z = jax.lax.fori_loop(0, num_steps - 1, body, z_init)
   x = predict(z, 1)[0].x

@@ -220,31 +220,41 @@ def sample(denoise_fn: Callable[..., process.Prediction],
     raise ValueError(f"num_steps must be a positive Python int (static under jit), "
                      f"got {num_steps!r}")
   shape = tuple(shape)
-  init_rng, loop_rng = jax.random.split(rng)
-  if z_init is None:
-    z_init = jax.random.normal(init_rng, shape, jnp.float32)
-  elif tuple(z_init.shape) != shape:
-    raise ValueError(f"z_init has shape {z_init.shape} but shape={shape}")
-  z_init = jnp.asarray(z_init, jnp.float32)
-  batch = shape[0]
-  stochastic = sampler == "ancestral" or not (isinstance(eta, (int, float)) and eta == 0)
-
-  def logsnr_at(i):
-    t = jnp.asarray(i, jnp.float32) / num_steps
-    return jnp.asarray(logsnr_fn(jnp.full((batch,), t, jnp.float32)), jnp.float32)
+  z_init, loop_rng, logsnr_at = loop_start(rng, shape, z_init, logsnr_fn, num_steps)
 
   def predict(z, logsnr):
     return clip_prediction(denoise_fn(z, logsnr, cond), z, logsnr, clip_x)
 
   def body(k, z):
     i = num_steps - k  # k = 0 .. N-2 steps from t = i/N to s = (i-1)/N.
-    logsnr_t, logsnr_s = logsnr_at(i), logsnr_at(i - 1)
-    pred = predict(z, logsnr_t)
-    noise = (jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
-             if stochastic else None)
-    if sampler == "ancestral":
-      return ancestral_step(pred, z, logsnr_t, logsnr_s, noise)
-    return ddim_step(pred, z, logsnr_t, logsnr_s, eta, noise)
+    return step_to(sampler, eta, predict(z, logsnr_at(i)), z, i, logsnr_at, loop_rng)
 
   z = jax.lax.fori_loop(0, num_steps - 1, body, z_init)
   return predict(z, logsnr_at(1)).x
+
+
+def loop_start(rng, shape, z_init, logsnr_fn, num_steps):
+  """What a sampling loop starts from: z_1 (`z_init`, else ~ N(0, I) from rng's first
+  half), the key of the per-step noise (the second half), and logsnr at step i (t = i/N)."""
+  init_rng, loop_rng = jax.random.split(rng)
+  if z_init is None:
+    z_init = jax.random.normal(init_rng, shape, jnp.float32)
+  elif tuple(z_init.shape) != shape:
+    raise ValueError(f"z_init has shape {z_init.shape} but shape={shape}")
+
+  def logsnr_at(i):
+    t = jnp.asarray(i, jnp.float32) / num_steps
+    return jnp.asarray(logsnr_fn(jnp.full((shape[0],), t, jnp.float32)), jnp.float32)
+
+  return jnp.asarray(z_init, jnp.float32), loop_rng, logsnr_at
+
+
+def step_to(sampler: str, eta, pred: process.Prediction, z, i, logsnr_at, loop_rng):
+  """One step from t = i/N to s = (i-1)/N: ancestral, or DDIM with `eta` (noise drawn from
+  loop_rng folded with i when the step is stochastic)."""
+  stochastic = sampler == "ancestral" or not (isinstance(eta, (int, float)) and eta == 0)
+  noise = (jax.random.normal(jax.random.fold_in(loop_rng, i), z.shape, jnp.float32)
+           if stochastic else None)
+  if sampler == "ancestral":
+    return ancestral_step(pred, z, logsnr_at(i), logsnr_at(i - 1), noise)
+  return ddim_step(pred, z, logsnr_at(i), logsnr_at(i - 1), eta, noise)

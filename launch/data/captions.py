@@ -278,13 +278,15 @@ class JsonlCaptionSource:
 # ------------------------------------------------------------------------------ registry
 
 
-def _jsonl_path(spec: str, split: str) -> str:
+def jsonl_path(spec: str, split: str, prefix: str = "jsonl") -> str:
+  """"/dir/{split}.jsonl" -> that split's file; a path without "{split}" is "train" only.
+  `prefix`: the source's registry name ("jsonl", "video_jsonl"), for the message."""
   if "{split}" in spec:
     return spec.replace("{split}", split)
   if split != "train":
-    raise ValueError(f"jsonl source {spec!r} holds one split, 'train' (no '{{split}}' in its "
-                     f"path); for split {split!r} name files per split, e.g. "
-                     "'jsonl:/data/{split}.jsonl' with train.jsonl and test.jsonl")
+    raise ValueError(f"{prefix} source {spec!r} holds one split, 'train' (no '{{split}}' in "
+                     f"its path); for split {split!r} name files per split, e.g. "
+                     f"'{prefix}:/data/{{split}}.jsonl' with train.jsonl and test.jsonl")
   return spec
 
 
@@ -304,7 +306,7 @@ def get_caption_source(name: str, split: str, data_dir=None, *, image_size=None,
     shape = synthetic.parse_shape(name[len("synthetic:"):])
     return synthetic.SyntheticSource(shape, split, with_captions=True)
   if name.startswith("jsonl:"):
-    return JsonlCaptionSource(_jsonl_path(name[len("jsonl:"):], split), split,
+    return JsonlCaptionSource(jsonl_path(name[len("jsonl:"):], split), split,
                               image_size=image_size, **kwargs)
   if name.endswith(".jsonl"):
     raise ValueError(f"to read a JSONL caption file, name it 'jsonl:{name}'")

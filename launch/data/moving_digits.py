@@ -55,6 +55,7 @@ from typing import NamedTuple
 import numpy as np
 
 from launch.data import digits as digits_lib
+from launch.data import synthetic
 
 DIRECTIONS = ("left", "right", "up", "down", "bouncing")
 LEFT, RIGHT, UP, DOWN, BOUNCING = range(5)
@@ -185,14 +186,8 @@ def direction_of_caption(caption: str) -> int:
 
 def parse_shape(spec: str) -> tuple[int, int, int]:
   """"8x16x16" -> (8, 16, 16): frames x height x width, as Ho et al. write 16x64x64."""
-  try:
-    shape = tuple(int(d) for d in spec.lower().split("x"))
-  except ValueError:
-    shape = ()
-  if len(shape) != 3 or min(shape) <= 0:
-    raise ValueError(f"moving digits shape must be FxHxW (frames x height x width) with "
-                     f"positive integers, e.g. 'moving_digits:8x16x16'; got {spec!r}")
-  return shape
+  return synthetic.parse_dims(spec, "moving digits shape must be FxHxW (frames x height x "
+                              "width)", "moving_digits:8x16x16")
 
 
 class MovingDigitsSource:

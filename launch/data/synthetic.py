@@ -11,16 +11,21 @@ import numpy as np
 _SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}
 
 
-def parse_shape(spec: str) -> tuple[int, int, int]:
-  """"32x32x3" -> (32, 32, 3)."""
+def parse_dims(spec: str, what: str, example: str) -> tuple[int, int, int]:
+  """"AxBxC" -> (A, B, C), three positive integers; else an error naming `what` (the shape's
+  meaning, e.g. "synthetic image shape must be HxWxC") and an `example` spec."""
   try:
     shape = tuple(int(d) for d in spec.lower().split("x"))
   except ValueError:
     shape = ()
   if len(shape) != 3 or min(shape) <= 0:
-    raise ValueError(f"synthetic image shape must be HxWxC with positive integers, e.g. "
-                     f"'synthetic:32x32x3'; got {spec!r}")
+    raise ValueError(f"{what} with positive integers, e.g. '{example}'; got {spec!r}")
   return shape
+
+
+def parse_shape(spec: str) -> tuple[int, int, int]:
+  """"32x32x3" -> (32, 32, 3)."""
+  return parse_dims(spec, "synthetic image shape must be HxWxC", "synthetic:32x32x3")
 
 
 class SyntheticSource:

@@ -202,14 +202,8 @@ class VideoJsonlSource:
 
 
 def jsonl_path(spec: str, split: str) -> str:
-  """"/dir/{split}.jsonl" -> that split's file; a path without "{split}" is "train" only."""
-  if "{split}" in spec:
-    return spec.replace("{split}", split)
-  if split != "train":
-    raise ValueError(f"video_jsonl source {spec!r} holds one split, 'train' (no '{{split}}' "
-                     f"in its path); for split {split!r} name files per split, e.g. "
-                     "'video_jsonl:/data/{split}.jsonl' with train.jsonl and test.jsonl")
-  return spec
+  """"/dir/{split}.jsonl" -> that split's file (captions.jsonl_path, named video_jsonl)."""
+  return captions_lib.jsonl_path(spec, split, prefix="video_jsonl")
 
 
 # -------------------------------------------------------------------------- tfds Video
