@@ -84,7 +84,7 @@ def _params(workdir, step):
 def test_pipeline_runs_stages_and_resumes_a_crashed_stage(teacher, gcs_dir, monkeypatch):
   dcfg = distill_digits.get_config("runlocal")
   dcfg.distill.update(dict(start_steps=4, end_steps=1, train_steps=6))
-  dcfg.train.update(dict(log_every=1, checkpoint_every=2, keep_checkpoints=100))
+  dcfg.train.update(dict(log_every=1, checkpoint_every=4, keep_checkpoints=100))  # saves 4, 6
   workdir = gcs_dir                                   # teacher and students on gs://
   devices = jax.devices()[:1]
 
