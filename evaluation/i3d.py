@@ -118,12 +118,7 @@ def i3d_tensor_shapes(num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ..
 
 def _fold_batchnorm(tensors, name):
   """conv (OITHW, no bias) + BN(running stats) -> (THWIO kernel, bias): one affine conv."""
-  g = lambda t: np.asarray(tensors[f"{name}.{t}"], np.float64)
-  scale = g("bn.weight") / np.sqrt(g("bn.running_var") + BN_EPS)
-  kernel = g("conv3d.weight") * scale[:, None, None, None, None]
-  bias = g("bn.bias") - g("bn.running_mean") * scale
-  return (jnp.asarray(kernel.transpose(2, 3, 4, 1, 0), jnp.float32),
-          jnp.asarray(bias, jnp.float32))
+  return pretrained.fold_batchnorm(tensors, name, "conv3d", BN_EPS)
 
 
 def check_i3d_file(weights_path) -> str:
@@ -141,14 +136,8 @@ def load_i3d(weights_path) -> dict:
   tensors = pretrained.load_safetensors(weights_path)
   num_classes = (tensors["logits.conv3d.bias"].shape[0] if "logits.conv3d.bias" in tensors
                  else NUM_CLASSES)
-  expected = i3d_tensor_shapes(num_classes)
-  missing = [k for k in expected if k not in tensors]
-  wrong = [f"{k}: {tensors[k].shape} != {v}" for k, v in expected.items()
-           if k in tensors and tuple(tensors[k].shape) != v]
-  if missing or wrong:
-    raise ValueError(f"{weights_path} is not pytorch-i3d's InceptionI3d state dict: "
-                     f"{len(missing)} missing tensors {missing[:4]}, {len(wrong)} with wrong "
-                     f"shapes {wrong[:4]}. {I3D_HOWTO}")
+  pretrained.check_tensor_shapes(tensors, i3d_tensor_shapes(num_classes), weights_path,
+                                 "pytorch-i3d's InceptionI3d state dict", I3D_HOWTO)
   params = {name: _fold_batchnorm(tensors, name) for name in UNITS}
   w = np.asarray(tensors["logits.conv3d.weight"], np.float32)[:, :, 0, 0, 0]
   params["logits"] = (jnp.asarray(w.T), jnp.asarray(tensors["logits.conv3d.bias"], jnp.float32))

@@ -111,12 +111,7 @@ def inception_tensor_shapes() -> dict[str, tuple[int, ...]]:
 
 def _fold_batchnorm(tensors: dict[str, np.ndarray], name: str):
   """conv (OIHW, no bias) + BN(running stats) -> (HWIO kernel, bias): one affine conv."""
-  g = lambda t: np.asarray(tensors[f"{name}.{t}"], np.float64)
-  scale = g("bn.weight") / np.sqrt(g("bn.running_var") + BN_EPS)
-  kernel = g("conv.weight") * scale[:, None, None, None]
-  bias = g("bn.bias") - g("bn.running_mean") * scale
-  return (jnp.asarray(kernel.transpose(2, 3, 1, 0), jnp.float32),
-          jnp.asarray(bias, jnp.float32))
+  return pretrained.fold_batchnorm(tensors, name, "conv", BN_EPS)
 
 
 def load_inception(weights_path) -> dict:
@@ -126,14 +121,8 @@ def load_inception(weights_path) -> dict:
   """
   check_inception_file(weights_path)
   tensors = pretrained.load_safetensors(weights_path)
-  expected = inception_tensor_shapes()
-  missing = [k for k in expected if k not in tensors]
-  wrong = [f"{k}: {tensors[k].shape} != {v}" for k, v in expected.items()
-           if k in tensors and tuple(tensors[k].shape) != v]
-  if missing or wrong:
-    raise ValueError(f"{weights_path} is not pytorch-fid's Inception state dict: "
-                     f"{len(missing)} missing tensors {missing[:4]}, {len(wrong)} with wrong "
-                     f"shapes {wrong[:4]}. {INCEPTION_HOWTO}")
+  pretrained.check_tensor_shapes(tensors, inception_tensor_shapes(), weights_path,
+                                 "pytorch-fid's Inception state dict", INCEPTION_HOWTO)
   return {name: _fold_batchnorm(tensors, name) for name in INCEPTION_CONVS}
 
 

@@ -28,6 +28,30 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
   return load_file(path)
 
 
+def check_tensor_shapes(tensors: dict, expected: dict, path, what: str, howto: str) -> None:
+  """A ValueError naming the file, the missing tensors and the wrong shapes, unless every
+  tensor of `expected` ({name: shape}) is in `tensors` with that shape (extras ignored)."""
+  missing = [k for k in expected if k not in tensors]
+  wrong = [f"{k}: {tensors[k].shape} != {v}" for k, v in expected.items()
+           if k in tensors and tuple(tensors[k].shape) != v]
+  if missing or wrong:
+    raise ValueError(f"{path} is not {what}: {len(missing)} missing tensors {missing[:4]}, "
+                     f"{len(wrong)} with wrong shapes {wrong[:4]}. {howto}")
+
+
+def fold_batchnorm(tensors: dict, name: str, conv: str, eps: float):
+  """`name.conv` (kernel O, I, *spatial; no bias) followed by BatchNorm `name.bn` (running
+  statistics) -> one affine conv: (kernel *spatial, I, O, bias), float32."""
+  g = lambda t: np.asarray(tensors[f"{name}.{t}"], np.float64)
+  scale = g("bn.weight") / np.sqrt(g("bn.running_var") + eps)
+  kernel = g(f"{conv}.weight")
+  kernel = kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1))
+  bias = g("bn.bias") - g("bn.running_mean") * scale
+  spatial = tuple(range(2, kernel.ndim))
+  return (jnp.asarray(kernel.transpose(spatial + (1, 0)), jnp.float32),
+          jnp.asarray(bias, jnp.float32))
+
+
 def to_unit_images(images) -> np.ndarray:
   """uint8 [N, H, W, C] (0..255) or float (0..1), C in {1, 3} -> float32 RGB in [0, 1]."""
   images = np.asarray(images)

@@ -330,21 +330,24 @@ class EfficientUNet(nnx.Module):
                         **attn_at(i), **common))
       cur = ch * ch_mult[i]
     self.down, self.up = nnx.List(down), nnx.List(up)
-    self.norm_out = layers.GroupNorm(cur, rngs=rngs)
-    self.conv_out = layers.conv(cur, self.out_channels, zero_init=True, dtype=dtype,
-                                rngs=rngs)
-    # Created last, so that the other weights do not depend on this flag at a given seed.
-    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_ch, dtype=dtype, rngs=rngs)
-                         if guidance_embedding else None)
+    self._output_modules(cur, ch, emb_ch, guidance_embedding, dtype, rngs)
 
   # --- conditioning ---
 
 
+  def _output_modules(self, cur, ch, emb_ch, guidance_embedding, dtype, rngs):
+    """The output norm and (zero-initialised) conv, then the guidance-weight embedding,
+    created last so that the other weights do not depend on that flag at a given seed."""
+    self.norm_out = layers.GroupNorm(cur, rngs=rngs)
+    self.conv_out = layers.conv(cur, self.out_channels, zero_init=True, dtype=dtype,
+                                rngs=rngs)
+    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_ch, dtype=dtype, rngs=rngs)
+                         if guidance_embedding else None)
+
   def _conditioning_modules(self, ch, emb_ch, *, text_dim, lowres_cond, num_classes,
                             num_heads, dtype, rngs):
-    """The embeddings of the noise level, the SR input's augmentation level, the class and
-    the text (null token, attention pooling), under the names `embedding` and
-    `text_tokens` use; the video U-Net builds them the same way."""
+    """Embeddings of the noise level, the SR input's augmentation level, the class and the
+    text (null token, attention pooling), named as `embedding` and `text_tokens` use them."""
     self.temb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
     self.aug_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
                     if lowres_cond else None)

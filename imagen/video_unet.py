@@ -282,12 +282,8 @@ class VideoUNet(EfficientUNet):
                            **level_kw(i)))
       cur = widths[i]
     self.down, self.up = nnx.List(down), nnx.List(up)
-    self.norm_out = layers.GroupNorm(cur, rngs=rngs)
-    self.conv_out = layers.conv(cur, self.out_channels, zero_init=True, dtype=dtype,
-                                rngs=rngs)
-    # Created last, so that the other weights do not depend on these flags at a given seed.
-    self.guidance_emb = (layers.GuidanceEmbedding(ch, emb_ch, dtype=dtype, rngs=rngs)
-                         if guidance_embedding else None)
+    self._output_modules(cur, ch, emb_ch, guidance_embedding, dtype, rngs)
+    # Created last, so that the other weights do not depend on this flag at a given seed.
     self.fps_emb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs) if fps_cond else None
 
   # --- conditioning ---

@@ -38,6 +38,7 @@ import zlib
 import numpy as np
 import PIL.Image
 
+from launch import fs
 from launch.data import digits as digits_lib
 from launch.data import tfds_source
 
@@ -185,30 +186,37 @@ class TfdsCaptionSource:
 # --------------------------------------------------------------------------- JSONL folder
 
 
+def read_index(path, *, valid, expected: str, what: str, missing: str) -> list[dict]:
+  """The non-empty lines of a JSONL index (local or gs://) as dicts. A missing file is
+  FileNotFoundError(`missing`); a line that is not JSON or fails `valid(entry)` is an error
+  naming the file, the line and the `expected` form; an empty index names `what` it is."""
+  p = fs.path(path)
+  if not p.is_file():
+    raise FileNotFoundError(missing)
+  entries = []
+  for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+    if not (isinstance(entry, dict) and valid(entry)):
+      raise ValueError(f"{path}:{n}: each line must be {expected}, got {line.strip()[:200]}")
+    entries.append(entry)
+  if not entries:
+    raise ValueError(f"{what} {os.fspath(path)!r} has no entries")
+  return entries
+
+
 def _read_jsonl(path: str) -> list[dict]:
   """The index lines, each checked for an "image" path and a "caption" string."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"caption index {path!r} not found. A JSONL caption folder holds images and a file "
-        'with one line per image: {"image": "relative/path.png", "caption": "a cat"} '
-        '(optional "label": int); name it as "jsonl:/dir/{split}.jsonl".')
-  entries = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-      if (not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or
-          not isinstance(entry.get("caption"), str)):
-        raise ValueError(f'{path}:{n}: each line must be {{"image": str, "caption": str}}, '
-                         f"got {line.strip()[:200]}")
-      entries.append(entry)
-  if not entries:
-    raise ValueError(f"caption index {path!r} has no entries")
-  return entries
+  return read_index(
+      path, expected='{"image": str, "caption": str}', what="caption index",
+      valid=lambda e: isinstance(e.get("image"), str) and isinstance(e.get("caption"), str),
+      missing=f"caption index {path!r} not found. A JSONL caption folder holds images and a "
+      'file with one line per image: {"image": "relative/path.png", "caption": "a cat"} '
+      '(optional "label": int); name it as "jsonl:/dir/{split}.jsonl".')
 
 
 class JsonlCaptionSource:

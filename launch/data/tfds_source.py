@@ -123,6 +123,15 @@ def open_builder(name: str, data_dir: str):
   return builder
 
 
+def label_and_caption(record: dict, label_key: str, caption_key: str) -> dict:
+  """A tfds record's {"label": int32 (0 without a label_key), "caption": str (if any)}."""
+  out = {"label": np.int32(record[label_key]) if label_key else np.int32(0)}
+  if caption_key:
+    caption = record[caption_key]
+    out["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+  return out
+
+
 class TfdsSource:
   """Random-access source over one split of a tfds ArrayRecord image dataset.
 
@@ -166,13 +175,7 @@ class TfdsSource:
     image = np.asarray(record[self.image_key], dtype=np.uint8)
     if image.ndim == 2:  # defensive: tfds Image always has a channel axis
       image = image[..., None]
-    label = np.int32(record[self.label_key]) if self.label_key else np.int32(0)
-    example = {"image": image, "label": label}
-    if self.caption_key:
-      caption = record[self.caption_key]
-      example["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(
-          caption)
-    return example
+    return {"image": image, **label_and_caption(record, self.label_key, self.caption_key)}
 
   def __repr__(self) -> str:
     # grain checks repr(source) when restoring an iterator: no data_dir (it may move).

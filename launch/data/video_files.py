@@ -102,33 +102,19 @@ def decode_clip(file, num_frames: int, frame_stride: int = 1, *, mode: str = "RG
 # ------------------------------------------------------------------- video_jsonl folder
 
 
+def _captions_ok(caption) -> bool:
+  return isinstance(caption, str) or (isinstance(caption, list) and bool(caption) and
+                                      all(isinstance(c, str) for c in caption))
+
+
 def _read_index(path) -> list[dict]:
   """The JSONL lines, each checked for a "video" path and a caption."""
-  p = fs.path(path)
-  if not p.is_file():
-    raise FileNotFoundError(
-        f"video index {os.fspath(path)!r} not found. A video folder holds video files and a "
-        'JSONL file with one line per video: {"video": "relative/path.mp4", "caption": '
-        '"a dog running"} (optional "label": int); name it as '
-        '"video_jsonl:/dir/{split}.jsonl".')
-  entries = []
-  for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      entry = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-    caption = entry.get("caption") if isinstance(entry, dict) else None
-    if (not isinstance(entry, dict) or not isinstance(entry.get("video"), str) or not (
-        isinstance(caption, str) or (isinstance(caption, list) and caption and
-                                     all(isinstance(c, str) for c in caption)))):
-      raise ValueError(f'{path}:{n}: each line must be {{"video": str, "caption": str or '
-                       f"[str, ...]}}, got {line.strip()[:200]}")
-    entries.append(entry)
-  if not entries:
-    raise ValueError(f"video index {os.fspath(path)!r} has no entries")
-  return entries
+  return captions_lib.read_index(
+      path, expected='{"video": str, "caption": str or [str, ...]}', what="video index",
+      valid=lambda e: isinstance(e.get("video"), str) and _captions_ok(e.get("caption")),
+      missing=f"video index {os.fspath(path)!r} not found. A video folder holds video files "
+      'and a JSONL file with one line per video: {"video": "relative/path.mp4", "caption": '
+      '"a dog running"} (optional "label": int); name it as "video_jsonl:/dir/{split}.jsonl".')
 
 
 class VideoJsonlSource:
@@ -332,13 +318,8 @@ class TfdsVideoSource:
                        self.frame_stride)
     frames = [self._frame_feature.decode_example_np(encoded[k])
               for k in clip_indices(self.num_frames, self.frame_stride)]
-    example = {"video": _resize(frames, self.frame_size),
-               "label": np.int32(record[self.label_key]) if self.label_key else np.int32(0)}
-    if self.caption_key:
-      caption = record[self.caption_key]
-      example["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(
-          caption)
-    return example
+    return {"video": _resize(frames, self.frame_size),
+            **tfds_source.label_and_caption(record, self.label_key, self.caption_key)}
 
   def __repr__(self) -> str:
     return (f"TfdsVideoSource(name={self.name!r}, split={self.split!r}, "
