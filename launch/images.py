@@ -38,8 +38,12 @@ def write_grid(path, images, num_levels: int, *, columns: int | None = None,
   """Writes a PNG grid; small images are enlarged (nearest) to about 64 px per cell."""
   images = np.asarray(images)
   scale = scale or max(1, 64 // images.shape[1])
-  grid = make_grid(images, num_levels, columns=columns, scale=scale)
+  return write_png(path, make_grid(images, num_levels, columns=columns, scale=scale))
+
+
+def write_png(path, image: np.ndarray) -> str:
+  """Writes one uint8 [H, W, C] image (C 1 or 3) as a PNG, local or gs://."""
   buffer = io.BytesIO()
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
-  fs.write_atomic(path, buffer.getvalue())   # local or gs://
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  fs.write_atomic(path, buffer.getvalue())
   return os.fspath(path)

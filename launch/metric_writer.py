@@ -119,6 +119,11 @@ class MetricWriter:
     if time.monotonic() - self._last_flush >= self._flush_seconds:
       self.flush()
 
+  def write_image(self, step: int, tag: str, image: np.ndarray):
+    """A uint8 [H, W, C] image to TensorBoard (samples; the JSONL file keeps scalars)."""
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+
   def flush(self):
     if not self.enabled:
       return

@@ -186,6 +186,8 @@ def train(config, workdir: str, devices=None) -> dict:
                                             num_steps=config.eval.sample_steps)
         workdir_lib.write_samples(setup, samples,
                                   fs.join(workdir, "samples", f"step_{step:08d}.png"))
+        writer.write_image(step, "samples", workdir_lib.preview(samples,
+                                                                setup.source.num_levels))
       if ckpt.save(step, state, data_state=data_iter, config=config,
                    force=step == cfg.num_steps):
         writer.flush()   # metrics up to a checkpoint are on disk (GCS) when it is

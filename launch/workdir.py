@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed, families, images, mesh as mesh_lib
+from launch import config_flags, distributed, families, images, mesh as mesh_lib, videos
 from launch import setup as setup_lib
 from launch.data import pipeline
 from vdm import likelihood
@@ -106,8 +106,7 @@ class FirstExamples:
 
   def __init__(self, source, n):
     self.source, self.n = source, min(n, len(source))
-    self.num_levels, self.num_classes = source.num_levels, source.num_classes
-    self.image_shape = source.image_shape
+    pipeline.copy_metadata(self, source)
 
   def __len__(self):
     return self.n
@@ -128,8 +127,9 @@ def sample_images(setup: setup_lib.Setup, params, rng, *, num: int,
   examples = [source[i] for i in range(min(num, len(source)))]
   keys = [k for k in setup.family.batch_keys if k in examples[0]]
   host = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
-  if "image" in host:
-    host["image"] = host["image"].astype(np.int32)
+  for key in ("image", "video"):
+    if key in host:
+      host[key] = host[key].astype(np.int32)
   replicated = mesh_lib.replicated(setup.mesh)
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
   fn = setup_lib.cached_jit(setup, ("sample", num_steps),
@@ -141,7 +141,27 @@ def sample_images(setup: setup_lib.Setup, params, rng, *, num: int,
   return np.asarray(jax.device_get(fn(params, batch, rng, *setup_lib.frozen_args(setup))))
 
 
-def write_samples(setup: setup_lib.Setup, samples, path: str):
-  if distributed.is_main_process():
-    images.write_grid(path, samples, setup.source.num_levels)
-    logging.info("Wrote %s", path)
+def write_samples(setup: setup_lib.Setup, samples, path: str) -> list[str]:
+  """Writes samples a person can look at: images as a PNG grid at `path`; videos
+  [N, F, H, W, C] as an animated GIF and an MP4 beside it (same name) and a PNG filmstrip
+  (one row per video) at `path`. Returns the files written (none on other processes)."""
+  if not distributed.is_main_process():
+    return []
+  levels = setup.source.num_levels
+  if np.ndim(samples) == 5:
+    stem = path[:-len(".png")] if path.endswith(".png") else path
+    written = list(videos.write_videos(*stem.rpartition("/")[::2], samples, levels).values())
+    scale = videos.default_scale(samples)
+    written.append(images.write_png(path, videos.filmstrip(samples, levels, scale=scale)))
+  else:
+    written = [images.write_grid(path, samples, levels)]
+  logging.info("Wrote %s", ", ".join(written))
+  return written
+
+
+def preview(samples, num_levels: int) -> np.ndarray:
+  """One uint8 [H, W, C] image of samples for TensorBoard: the grid of images, or of each
+  video's first frame."""
+  if np.ndim(samples) == 5:
+    return videos.first_frames(samples, num_levels, scale=videos.default_scale(samples))
+  return images.make_grid(samples, num_levels, scale=max(1, 64 // np.shape(samples)[1]))

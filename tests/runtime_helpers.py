@@ -197,6 +197,24 @@ def restore(setup, workdir, step=None) -> dict:
     ckpt.close()
 
 
+def one_train_step(config, devices):
+  """(params, metrics) on the host after one train step of `config` on a mesh of `devices`,
+  from the loader's first batch (the 8-devices-equal-1 tests)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from launch import families, trainer  # pylint: disable=g-import-not-at-top
+  from launch import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from launch.data import pipeline  # pylint: disable=g-import-not-at-top
+  setup = setup_lib.build(config, devices)
+  state = setup.init()
+  loader = pipeline.make_loader(setup.source, global_batch_size=config.train.batch_size,
+                                seed=config.seed)
+  batch = next(iter(loader))
+  compiled, _ = trainer.compile_step(setup, families.device_batch(batch,
+                                                                  setup.family.batch_keys))
+  new_state, metrics = compiled(state, setup_lib.put_batch(setup, batch))
+  return host(new_state["params"]), host(metrics)
+
+
 def host(tree):
   """A pytree of (possibly sharded) arrays as numpy arrays."""
   import jax  # pylint: disable=g-import-not-at-top

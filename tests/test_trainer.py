@@ -5,9 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from launch import setup as setup_lib
-from launch import config_flags, families, trainer
-from launch.data import pipeline
+from launch import config_flags
+from tests import runtime_helpers as h
 
 CONFIG = "configs/vdm/digits.py:runlocal"
 
@@ -16,27 +15,16 @@ def _config(*overrides):
   return config_flags.load_config(CONFIG, list(overrides))
 
 
-def _one_step(config, devices):
-  setup = setup_lib.build(config, devices)
-  state = setup.init()
-  loader = pipeline.make_loader(setup.source, global_batch_size=config.train.batch_size,
-                                seed=config.seed)
-  batch = next(iter(loader))
-  compiled, _ = trainer.compile_step(setup, families.device_batch(batch, ("image", "label")))
-  new_state, metrics = compiled(state, setup_lib.put_batch(setup, batch))
-  return jax.device_get(new_state["params"]), jax.device_get(metrics)
-
-
 @pytest.fixture(scope="module")
 def single_device():
-  return _one_step(_config("mesh.ici=(1, 1, 1)"), jax.devices()[:1])
+  return h.one_train_step(_config("mesh.ici=(1, 1, 1)"), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("rules,ici", [("data_parallel", "(8, 1, 1)"), ("fsdp", "(2, 4, 1)"),
                                        ("tensor", "(2, 1, 4)")])
 def test_one_step_on_8_devices_equals_1_device(single_device, rules, ici):
   params_1, metrics_1 = single_device
-  params_8, metrics_8 = _one_step(_config(f"mesh.ici={ici}", f"mesh.rules={rules}"),
+  params_8, metrics_8 = h.one_train_step(_config(f"mesh.ici={ici}", f"mesh.rules={rules}"),
                                   jax.devices())
   np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
   leaves_1, leaves_8 = jax.tree.leaves(params_1), jax.tree.leaves(params_8)

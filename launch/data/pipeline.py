@@ -47,6 +47,19 @@ OFFLINE_SOURCES = ("digits", "synthetic:HxWxC", "moving_digits[:FxHxW]")
 VIDEO_SOURCES = ("moving_digits[:FxHxW]", "video_jsonl:/dir/{split}.jsonl", "tfds_video:NAME")
 
 
+# What a wrapping source (text embeddings, the first n examples) carries over from its source.
+METADATA = ("num_levels", "num_classes", "image_shape", "num_frames", "frame_shape",
+            "video_shape")
+
+
+def copy_metadata(wrapper, source) -> None:
+  """Gives `wrapper` the metadata `source` has: levels, classes, image shape and, for a video
+  source, its frame count, frame shape and clip shape."""
+  for name in METADATA:
+    if hasattr(source, name):
+      setattr(wrapper, name, getattr(source, name))
+
+
 class ImageSource(Protocol):
   """What every source provides (see module docstring)."""
   num_levels: int

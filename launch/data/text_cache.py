@@ -45,6 +45,7 @@ import safetensors.numpy
 from array_record.python import array_record_module
 
 from launch import fs
+from launch.data import pipeline
 
 FORMAT = "launch.encode_text/v1"  # the files' format name (kept: existing caches carry it)
 _WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access
@@ -318,9 +319,7 @@ class WithTextEmbeddings:
       raise ValueError(f"{source!r} has {len(source)} examples but {cache!r} holds "
                        f"{len(cache)}: the cache was made from another split or data set")
     self.source, self.cache, self.check_captions = source, cache, check_captions
-    self.num_levels = source.num_levels
-    self.num_classes = source.num_classes
-    self.image_shape = source.image_shape
+    pipeline.copy_metadata(self, source)
 
   def __len__(self) -> int:
     return len(self.source)

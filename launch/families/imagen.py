@@ -10,7 +10,7 @@ from configs.imagen import common
 from imagen import experiment, text_conditioning
 from launch import fs
 from launch import text_encoder as text_encoder_lib
-from launch.data import captions, text_cache
+from launch.data import captions, pipeline, text_cache
 from launch.families.base import Family, compute_dtype
 from vdm import losses
 
@@ -20,8 +20,7 @@ class Tokenized:
 
   def __init__(self, source, tokenizer):
     self.source, self.tokenize = source, text_conditioning.Tokenize(tokenizer)
-    self.num_levels, self.num_classes = source.num_levels, source.num_classes
-    self.image_shape = source.image_shape
+    pipeline.copy_metadata(self, source)
 
   def __len__(self):
     return len(self.source)

@@ -1,0 +1,38 @@
+r"""Text-to-video on the embedded moving digits: 8 frames of 16x16 from a caption.
+
+  python -m launch.train --config configs/video/moving_digits.py --workdir runs/video
+  python -m launch.train --config configs/video/moving_digits.py:runlocal --workdir /tmp/smoke
+  python -m launch.sample_video --workdir runs/video --prompts "the digit 3 moving left"
+  python -m launch.evaluate_video --workdir runs/video --guidance 0,1,3
+
+A Video U-Net (temporal attention at 8x8 and 4x4, temporal convolutions at 16x16) on
+"the digit 3 moving left"-style captions encoded by the OFFLINE DEFAULT tiny T5 (cached in
+WORKDIR/text_cache), trained jointly on videos and independent frames (Ho et al. sec. 3.2).
+"""
+
+from configs.video.common import stage_config
+
+
+def get_config(arg=None):
+  c = stage_config(num_frames=8, resolution=16, unet_preset="tiny_video", text_dim=32)
+  c.data.update(dict(name="moving_digits:8x16x16"))
+  c.data.video_options.update(dict(videos_per_digit=4))
+  c.model.unet_overrides.update(dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=(1, 1, 1),
+                                     attn_resolutions=(4,), cross_attn_resolutions=(8, 4),
+                                     temporal_attn_resolutions=(8, 4),
+                                     temporal_conv_resolutions=(16,), num_heads=4))
+  c.model.joint_image_fraction = 0.25
+  c.optim.update(dict(lr=1e-3, warmup_steps=100, decay="cosine", ema_decay=0.995,
+                      weight_decay=0.0))
+  c.train.update(dict(batch_size=32, num_steps=1500, log_every=50, eval_every=0,
+                      sample_every=500, checkpoint_every=250))
+  c.eval.update(dict(num_samples=16, sample_steps=64, guidance_w=1.0))
+  if arg == "runlocal":
+    c.model.unet_overrides.update(dict(ch=8, ch_mult=(1, 2), num_res_blocks=(1, 1),
+                                       attn_resolutions=(8,), cross_attn_resolutions=(8,),
+                                       temporal_attn_resolutions=(8,), num_heads=2))
+    c.data.video_options.videos_per_digit = 1
+    c.train.update(dict(batch_size=8, num_steps=4, log_every=2, sample_every=4,
+                        checkpoint_every=2))
+    c.eval.update(dict(num_samples=4, sample_steps=4))
+  return c

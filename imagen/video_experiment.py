@@ -1,0 +1,146 @@
+"""One text-to-video diffusion stage (Ho et al. 2022, "Video Diffusion Models"): what the
+generic trainer receives from the video family.
+
+A stage is a space-time Video U-Net (`imagen/video_unet.py`) with a noise schedule and a
+parameterization (Imagen's defaults: cosine logsnr, v), conditioned on T5 text as the Imagen
+stages are, trained with the weighted denoising loss over whole clips [B, F, H, W, C].
+
+Joint image-video training (Ho et al. sec. 3.2). "We concatenate random independent image
+frames to the end of each video sampled from the dataset, and we mask the attention in the
+temporal attention blocks to prevent mixing information across video frames and each
+individual image frame." With one caption per example, our images are frames of the
+example's own clip drawn at random times (with replacement), so each still matches its
+caption's subject (its motion words say nothing about one frame); a fraction
+`joint_image_fraction` of the examples are such image examples, flagged by cond["is_image"],
+so the net's temporal layers let each of their frames see only itself. The loss is the same
+for both kinds: the net learns to denoise frames alone and clips in the same weights.
+
+The stage's clips are the data subsampled to the stage's frame count (every k-th frame: a
+lower frame rate) and area-downsampled to its resolution, so one dataset serves every stage
+of a cascade, as in `imagen/experiment.py`.
+
+  - `build_model(cfg, num_levels, video_shape, rngs, dtype)` -> VideoStage;
+  - `loss_and_grads(graphdef, params, batch, rng, cfg[, text_encoder])`;
+  - `stage_cond(model, batch, rng, cfg, *, train)` -> the network's cond dict;
+  - sampling: `imagen.experiment.sample` (generic over the sample shape).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen import text_conditioning
+from imagen.experiment import downsample
+from imagen.unet_presets import video_unet_config
+from imagen.video_unet import VideoUNet
+from vdm import guidance, losses, process, schedules
+from vdm.model import DiffusionModel
+
+
+class VideoStage(DiffusionModel):
+  """Video U-Net + schedule + parameterization for clips of `image_shape` = (F, H, W, C)
+  (the shape samplers draw, one clip per example)."""
+
+  def __init__(self, net, schedule, parameterization: str, num_levels: int, video_shape):
+    super().__init__(net, schedule, parameterization, num_levels, video_shape)
+    self.lowres_size = 0     # a base stage: imagen.cascade runs it from text alone
+
+  def data_and_cond(self, batch, rng, cfg):
+    """The stage's clips and its text at sampling time (distillation, evaluation)."""
+    return stage_videos(self, batch), stage_cond(self, batch, rng, cfg, train=False)
+
+  drop_conditioning = staticmethod(guidance.drop_text)
+
+
+def stage_shape(cfg, data_shape) -> tuple:
+  """(F, H, W, C) of the stage for data clips of data_shape (F_data, H_data, W_data, C)."""
+  frames, height, width, channels = data_shape
+  if frames % cfg.num_frames:
+    raise ValueError(f"model.num_frames={cfg.num_frames} must divide the data's {frames} "
+                     "frames (the stage takes every k-th frame)")
+  if height % cfg.resolution or width % cfg.resolution or height != width:
+    raise ValueError(f"model.resolution={cfg.resolution} must divide the data's square "
+                     f"{height}x{width} frames")
+  return (cfg.num_frames, cfg.resolution, cfg.resolution, channels)
+
+
+def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
+                dtype=jnp.float32) -> VideoStage:
+  """cfg = config.model: num_frames, resolution, unet preset and overrides, text_dim."""
+  shape = stage_shape(cfg, data_shape)
+  kwargs = dict(video_unet_config(cfg.unet_preset))
+  kwargs.update(dict(cfg.unet_overrides))
+  kwargs.update(channels=shape[-1], image_size=cfg.resolution, text_dim=cfg.text_dim,
+                fps_cond=cfg.fps_cond, scan_layers=cfg.scan_layers, remat=cfg.remat,
+                out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
+                guidance_embedding=cfg.guidance_embedding, dtype=dtype)
+  net = VideoUNet(**kwargs, rngs=rngs)
+  return VideoStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
+                    num_levels, shape)
+
+
+def stage_videos(model: VideoStage, batch):
+  """The batch's clips in [-1, 1] at this stage's frame count and resolution."""
+  x = losses.int_to_x(batch["video"], model.num_levels)
+  frames, size = model.image_shape[:2]
+  x = x[:, ::x.shape[1] // frames]
+  if x.shape[2] != size:
+    b, f = x.shape[:2]
+    x = downsample(x.reshape((b * f,) + x.shape[2:]), size).reshape((b, f, size, size, -1))
+  return x
+
+
+def joint_images(rng, x, fraction: float):
+  """(x, is_image [B]): a `fraction` of the examples (at random) replaced by independent
+  images, frames of their own clip at random times (module docstring)."""
+  k_pick, k_times = jax.random.split(rng)
+  b, f = x.shape[:2]
+  is_image = jax.random.uniform(k_pick, (b,)) < fraction
+  times = jax.random.randint(k_times, (b, f), 0, f)
+  stills = jnp.take_along_axis(x, times.reshape((b, f, 1, 1, 1)), axis=1)
+  return jnp.where(is_image.reshape((b, 1, 1, 1, 1)), stills, x), is_image
+
+
+def stage_cond(model: VideoStage, batch, rng, cfg, *, train: bool, text_encoder=None,
+               is_image=None):
+  """Text (with conditioning dropout in training), the frame rate (if model.fps_cond:
+  cfg.fps, 0 for image examples) and the image flags of joint training."""
+  emb, mask = text_conditioning.text_embeddings(batch, text_encoder)
+  cond = {"text_emb": emb, "text_mask": mask}
+  if train and cfg.p_uncond > 0:
+    cond = guidance.drop_for_training(cond, rng, cfg.p_uncond, guidance.drop_text)
+  batch_size = emb.shape[0]
+  if cfg.fps_cond:
+    fps = jnp.full((batch_size,), float(cfg.fps))
+    cond["fps"] = fps if is_image is None else jnp.where(is_image, 0.0, fps)
+  if is_image is not None:
+    cond["is_image"] = is_image
+  return cond
+
+
+def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
+  """Weighted denoising loss over whole clips (cfg.weighting, v-MSE by default), in units of
+  nats/(dim ln 2), with joint image examples when cfg.joint_image_fraction > 0."""
+  k_t, k_eps, k_cond, k_drop, k_joint = jax.random.split(rng, 5)
+
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p)
+    x, is_image = stage_videos(model, batch), None
+    if cfg.joint_image_fraction > 0:
+      x, is_image = joint_images(k_joint, x, cfg.joint_image_fraction)
+    t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
+    lam, rate = schedules.logsnr_and_rate(model.schedule, t)
+    eps = jax.random.normal(k_eps, x.shape)
+    z = process.diffuse(x, lam, eps)
+    cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
+                      is_image=is_image)
+    pred = model.denoise(z, lam, cond, dropout_key=k_drop)
+    per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
+                                                 **cfg.weighting_params)
+    loss = jnp.mean(per_example) / (math.prod(x.shape[1:]) * math.log(2.0))
+    return loss, {"loss": loss}
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, metrics, grads

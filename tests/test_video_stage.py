@@ -1,0 +1,138 @@
+"""The video family: a text-to-video stage trained by the one trainer (moving digits).
+
+The stage's clips against a numpy reading of the data, joint image-video examples against
+their definition (Ho et al. sec. 3.2), one train step on 8 devices against 1, a resumed run
+against an uninterrupted one, and the sample files a person watches against the samples.
+"""
+
+import io
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from imagen import video_experiment
+from launch import config_flags, trainer
+from launch import setup as setup_lib
+from launch import workdir as workdir_lib
+from tests import runtime_helpers as h
+
+CONFIG = "configs/video/moving_digits.py:runlocal"
+# Cheap to compile and bit-comparable across runs: 4 frames of 12x12, a one-level net with
+# temporal attention, fixed schedule, constant lr, no sampling.
+TINY = ("data.name=moving_digits:4x12x12", "model.num_frames=4", "model.resolution=12",
+        "model.unet_overrides.ch_mult=(1,)", "model.unet_overrides.num_res_blocks=(1,)",
+        "model.unet_overrides.attn_resolutions=()",
+        "model.unet_overrides.cross_attn_resolutions=(12,)",
+        "model.unet_overrides.temporal_attn_resolutions=(12,)",
+        "model.unet_overrides.temporal_conv_resolutions=()", "model.schedule.name=linear",
+        "optim.decay=constant", "train.sample_every=0", "model.p_uncond=0.0",
+        "model.joint_image_fraction=0.5")
+
+
+def _config(*overrides):
+  return config_flags.load_config(CONFIG, list(TINY) + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory):
+  """One T5 embedding cache of the captions for every run of this module."""
+  return f"data.text_cache={tmp_path_factory.mktemp('text_cache')}"
+
+
+def test_stage_clips_take_every_kth_frame_and_average_pixel_blocks():
+  """A 4-frame 8x8 stage of 8-frame 16x16 data: frames 0, 2, 4, 6, each the mean of 2x2
+  blocks of the levels mapped to [-1, 1] (as the image stages read images)."""
+  cfg = config_flags.load_config(CONFIG, ["model.num_frames=4", "model.resolution=8",
+                                          "model.unet_overrides.temporal_conv_resolutions=()"]
+                                 ).model
+  stage = video_experiment.build_model(cfg, 17, (8, 16, 16, 1), nnx.Rngs(0))
+  assert stage.image_shape == (4, 8, 8, 1)
+  video = np.random.default_rng(0).integers(0, 17, (2, 8, 16, 16, 1))
+  got = np.asarray(video_experiment.stage_videos(stage, {"video": jnp.asarray(video)}))
+  x = (video + 0.5) / 17 * 2 - 1
+  want = x[:, ::2].reshape(2, 4, 8, 2, 8, 2, 1).mean(axis=(3, 5))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(ValueError, match="num_frames=3 must divide"):
+    video_experiment.build_model(_config("model.num_frames=3").model, 17, (8, 16, 16, 1),
+                                 nnx.Rngs(0))
+
+
+def test_joint_image_examples_are_frames_of_their_own_clip():
+  """Image examples hold, at every position, some frame of the same example's clip (frames
+  drawn at random times); video examples are untouched; the share of images is the
+  fraction."""
+  b, f = 400, 6
+  # Frame k of example i is filled with the value 100 i + k, so a frame names its origin.
+  x = (100 * np.arange(b)[:, None] + np.arange(f)[None, :]).astype(np.float32)
+  x = np.broadcast_to(x[:, :, None, None, None], (b, f, 2, 2, 1))
+  out, is_image = video_experiment.joint_images(jax.random.key(3), jnp.asarray(x), 0.25)
+  out, is_image = np.asarray(out), np.asarray(is_image)
+  origin = out[:, :, 0, 0, 0]
+  np.testing.assert_array_equal(out[~is_image], x[~is_image])
+  assert np.all(origin[is_image] // 100 == np.arange(b)[is_image, None])   # own clip
+  times = origin[is_image] % 100
+  assert not np.all(times == np.arange(f))   # not the clip in order: random times
+  assert 0.18 < is_image.mean() < 0.32     # binomial(400, 0.25): std 0.022
+  _, all_images = video_experiment.joint_images(jax.random.key(0), jnp.asarray(x), 1.0)
+  assert np.all(np.asarray(all_images))
+
+
+def test_video_train_step_on_8_devices_equals_1_device(text_cache):
+  """One train step of the video stage (text from the cache, joint image examples, the frame
+  axis unsharded) gives the same loss and parameters on a 2x4 fsdp mesh as on one device."""
+  one = h.one_train_step(_config("mesh.ici=(1, 1, 1)", text_cache), jax.devices()[:1])
+  eight = h.one_train_step(_config("mesh.ici=(2, 4, 1)", "mesh.rules=fsdp", text_cache),
+                           jax.devices())
+  np.testing.assert_allclose(eight[1]["loss"], one[1]["loss"], rtol=1e-5)
+  h.assert_trees_equal(eight[0], one[0], rtol=2e-4, atol=2e-6)
+
+
+def test_a_resumed_video_run_equals_an_uninterrupted_one(tmp_path, text_cache):
+  """Train 2 steps, then rerun the command for 3: the parameters and data position equal
+  those of a run of 3 steps from scratch."""
+  config = lambda n, every: _config(f"train.num_steps={n}", f"train.checkpoint_every={every}",
+                                    "train.log_every=1", text_cache)
+  trainer.train(config(2, 2), str(tmp_path / "resumed"))
+  trainer.train(config(3, 2), str(tmp_path / "resumed"))    # restores step 2
+  trainer.train(config(3, 100), str(tmp_path / "fresh"))
+  setup = setup_lib.build(config(3, 2))
+  resumed = h.restore(setup, tmp_path / "resumed")
+  fresh = h.restore(setup, tmp_path / "fresh")
+  assert int(resumed["step"]) == int(fresh["step"]) == 3
+  h.assert_trees_equal(h.host(resumed["params"]), h.host(fresh["params"]))
+
+
+def test_video_samples_are_written_as_gif_mp4_and_a_filmstrip(tmp_path):
+  """write_samples of [N, F, H, W, 1] levels: a looping GIF whose frame f shows every
+  video's frame f (level l as grey 255 l / 16), an MP4 of F frames, a PNG strip."""
+  videos = np.zeros((2, 3, 4, 4, 1), np.int32)
+  for f in range(3):
+    videos[0, f, f, f] = 16          # a white pixel moving down the diagonal
+    videos[1, f] = 8                 # a grey clip
+  setup = types.SimpleNamespace(source=types.SimpleNamespace(num_levels=17))
+  path = str(tmp_path / "samples" / "step_00000004.png")
+  written = workdir_lib.write_samples(setup, videos, path)
+  assert sorted(p.rsplit(".", 1)[1] for p in written) == ["gif", "mp4", "png"]
+  gif = Image.open(written[0])
+  frames = []
+  for f in range(gif.n_frames):
+    gif.seek(f)
+    frames.append(np.asarray(gif.convert("L")))
+  assert len(frames) == 3
+  scale = 16                         # cells enlarged to 64 px: 64 // 4
+  for f, frame in enumerate(frames):
+    cell = frame[1 * scale:5 * scale, 1 * scale:5 * scale]   # video 0 (border 1 px * scale)
+    lit = np.argwhere(cell[::scale, ::scale] == 255)
+    np.testing.assert_array_equal(lit, [[f, f]])
+    other = frame[1 * scale:5 * scale, 6 * scale:10 * scale]
+    assert np.all(other == round(8 * 255 / 16))
+  import av
+  with av.open(io.BytesIO(open(written[1], "rb").read())) as container:
+    assert sum(1 for _ in container.decode(video=0)) == 3
+  strip = np.asarray(Image.open(path))
+  assert strip.shape == ((2 * 5 + 1) * scale, (3 * 5 + 1) * scale)   # 2 rows of 3 frames
