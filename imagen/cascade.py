@@ -25,9 +25,11 @@ CascadeOutput = collections.namedtuple(
 
 
 def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: StageSettings):
-  """`num` images in [-1, 1] from one stage; cond holds the text and, for an SR stage,
-  "lowres_image" (the previous stage's images), noise-augmented here to s.aug_level."""
+  """`num` images (or clips, for a video stage) in [-1, 1] from one stage; cond holds the
+  text and, for an SR stage, "lowres_image" (the previous stage's images), noise-augmented
+  here to s.aug_level."""
   k_aug, k_sample = jax.random.split(rng)
+  cond = model.sampling_cond(cond, num)     # e.g. a video stage's frame rate
   if "lowres_image" in cond:
     cond = dict(cond)
     lowres = cond.pop("lowres_image")

@@ -43,9 +43,15 @@ class VideoStage(DiffusionModel):
   """Video U-Net + schedule + parameterization for clips of `image_shape` = (F, H, W, C)
   (the shape samplers draw, one clip per example)."""
 
-  def __init__(self, net, schedule, parameterization: str, num_levels: int, video_shape):
+  def __init__(self, net, schedule, parameterization: str, num_levels: int, video_shape,
+               fps: float | None = None):
     super().__init__(net, schedule, parameterization, num_levels, video_shape)
     self.lowres_size = 0     # a base stage: imagen.cascade runs it from text alone
+    self.fps = fps           # the clips' frame rate, given to a net built with fps_cond
+
+  def sampling_cond(self, cond: dict, num: int) -> dict:
+    """cond completed with what the net takes besides text at sampling: the frame rate."""
+    return cond if self.fps is None else {**cond, "fps": jnp.full((num,), self.fps)}
 
   def data_and_cond(self, batch, rng, cfg):
     """The stage's clips and its text at sampling time (distillation, evaluation)."""
@@ -78,7 +84,7 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
                 guidance_embedding=cfg.guidance_embedding, dtype=dtype)
   net = VideoUNet(**kwargs, rngs=rngs)
   return VideoStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
-                    num_levels, shape)
+                    num_levels, shape, fps=float(cfg.fps) if cfg.fps_cond else None)
 
 
 def stage_videos(model: VideoStage, batch):
@@ -105,18 +111,17 @@ def joint_images(rng, x, fraction: float):
 
 def stage_cond(model: VideoStage, batch, rng, cfg, *, train: bool, text_encoder=None,
                is_image=None):
-  """Text (with conditioning dropout in training), the frame rate (if model.fps_cond:
-  cfg.fps, 0 for image examples) and the image flags of joint training."""
+  """Text (with conditioning dropout in training), the frame rate (nets built with
+  fps_cond; 0 for image examples, which have none) and the image flags of joint training."""
   emb, mask = text_conditioning.text_embeddings(batch, text_encoder)
   cond = {"text_emb": emb, "text_mask": mask}
   if train and cfg.p_uncond > 0:
     cond = guidance.drop_for_training(cond, rng, cfg.p_uncond, guidance.drop_text)
-  batch_size = emb.shape[0]
-  if cfg.fps_cond:
-    fps = jnp.full((batch_size,), float(cfg.fps))
-    cond["fps"] = fps if is_image is None else jnp.where(is_image, 0.0, fps)
+  cond = model.sampling_cond(cond, emb.shape[0])
   if is_image is not None:
     cond["is_image"] = is_image
+    if "fps" in cond:
+      cond["fps"] = jnp.where(is_image, 0.0, cond["fps"])
   return cond
 
 

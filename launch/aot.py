@@ -95,6 +95,15 @@ def metadata_source(config, override=None):
   """A source with the data's metadata (levels, shape, classes), never reading the data."""
   if config.data.name == "digits" and not override:
     return pipeline.get_source("digits", config.data.train_split)
+  if _base_family(config) == "video":
+    if config.data.name.startswith("moving_digits") and not override:   # made, not read
+      return families.get_family("video").get_source(config, config.data.train_split)
+    options = config.data.video_options
+    size = options.get("frame_size") if not override else None
+    h, w, c = ((size, size, 1 if options.get("mode") == "L" else 3) if size
+               else data_shape(config, override))
+    frames = options.get("num_frames", config.model.num_frames)
+    return synthetic.VideoMetadata((frames, h, w, c))
   num_classes = config.model.get("num_classes", 0) or 10
   return synthetic.SyntheticSource(data_shape(config, override), num_classes=num_classes,
                                    num_examples=1)
@@ -126,13 +135,18 @@ def abstract_frozen(config, source):
   return None
 
 
+def _base_family(config) -> str:
+  return config.distill.base_family if config.family == "distill" else config.family
+
+
 def example_batch(config, source, batch_size: int) -> dict:
   """Numpy zeros with the loader's fields and per-example shapes (text from its config)."""
-  h, w, c = source.image_shape
-  batch = {"image": np.zeros((batch_size, h, w, c), np.int32),
+  base = _base_family(config)
+  key, shape = (("video", source.video_shape) if base == "video" else
+                ("image", source.image_shape))
+  batch = {key: np.zeros((batch_size, *shape), np.int32),
            "label": np.zeros((batch_size,), np.int32)}
-  base = config.distill.base_family if config.family == "distill" else config.family
-  if base == "imagen":
+  if base in ("imagen", "video"):
     length = config.data.max_length
     if config.data.text_source == "encoder":
       batch["input_ids"] = np.zeros((batch_size, length), np.int32)

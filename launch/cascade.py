@@ -14,12 +14,28 @@ import jax
 import numpy as np
 
 from imagen import cascade
+from launch import config_flags, fs
 from launch import mesh as mesh_lib
 from launch import text_encoder as text_encoder_lib
 from launch import workdir as workdir_lib
 
 CascadeResult = collections.namedtuple(
     "CascadeResult", ["images", "configs", "setups", "compile_seconds", "sample_seconds"])
+
+
+def read_prompts(prompts, prompts_file) -> list[str]:
+  """The prompts of --prompts (a list) or --prompts_file (one per line)."""
+  if prompts_file:
+    if not fs.path(prompts_file).is_file():
+      raise config_flags.InputError(f"--prompts_file {prompts_file} does not exist: pass a "
+                                    "text file with one prompt per line.")
+    text = fs.path(prompts_file).read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+  prompts = list(prompts or [])
+  if not prompts:
+    raise config_flags.InputError("no prompts: pass --prompts 'a prompt,another prompt' or "
+                                  "--prompts_file with one prompt per line.")
+  return prompts
 
 
 def per_stage(values, n, name, cast):
@@ -53,8 +69,8 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
       compile_fn=lambda fn, *args: jax.jit(
           fn, out_shardings=mesh_lib.replicated(mesh)).lower(*args).compile())
   for i, x in enumerate(out.images):
-    logging.info("Stage %d (%s): %d images at %dx%d, %d steps in %.2f s (compile %.1f s)", i,
-                 stages[i], len(captions), x.shape[1], x.shape[2], steps[i],
+    logging.info("Stage %d (%s): %d samples of %s, %d steps in %.2f s (compile %.1f s)", i,
+                 stages[i], len(captions), "x".join(map(str, x.shape[1:])), steps[i],
                  out.sample_seconds[i], out.compile_seconds[i])
   return CascadeResult(out.images, [setup.config for setup, _, _ in loaded],
                        [setup for setup, _, _ in loaded], out.compile_seconds,

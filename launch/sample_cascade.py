@@ -20,7 +20,6 @@ elsewhere would surprise them, and replacing its files would lose the earlier ru
 
 import numpy as np
 from absl import flags
-from etils import epath
 
 from launch import cascade, distributed, images
 from launch import checkpoint as checkpoint_lib
@@ -60,25 +59,11 @@ flags.register_multi_flags_validator(
     "pass either --prompts or --prompts_file, not both.")
 
 
-def read_prompts() -> list[str]:
-  if _PROMPTS_FILE.value:
-    if not epath.Path(_PROMPTS_FILE.value).is_file():
-      raise config_flags.InputError(f"--prompts_file {_PROMPTS_FILE.value} does not exist: "
-                                    "pass a text file with one prompt per line.")
-    text = epath.Path(_PROMPTS_FILE.value).read_text(encoding="utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-  else:
-    prompts = list(_PROMPTS.value or [])
-  if not prompts:
-    raise config_flags.InputError("no prompts: pass --prompts 'a prompt,another prompt' or "
-                                  "--prompts_file with one prompt per line.")
-  return prompts
-
-
 def main(argv):
   del argv
   metric_writer.setup_logging()
-  stages, prompts = _STAGES.value, read_prompts()
+  stages = _STAGES.value
+  prompts = cascade.read_prompts(_PROMPTS.value, _PROMPTS_FILE.value)
   n = len(stages)
   try:
     options = dict(steps=cascade.per_stage(_STEPS.value, n, "steps", int),

@@ -39,6 +39,12 @@ class DiffusionModel(nnx.Module):
     batch; cfg is config.model."""
     raise NotImplementedError(f"{type(self).__name__} does not define data_and_cond")
 
+  def sampling_cond(self, cond: dict, num: int) -> dict:
+    """cond (text, labels) of `num` samples completed with what else the network takes at
+    sampling time (a video stage: its frame rate); nothing by default."""
+    del num
+    return cond
+
   @staticmethod
   def drop_conditioning(cond: dict, keep: jax.Array) -> dict:
     """cond with the guidance-relevant conditioning removed where keep is False."""

@@ -66,3 +66,14 @@ class SyntheticSource:
             f"num_examples={self.num_examples}, num_classes={self.num_classes}, "
             f"num_levels={self.num_levels}, seed={self.seed}"
             f"{', with_captions=True' if self.with_captions else ''})")
+
+
+class VideoMetadata:
+  """The metadata of a video data set of clips [F, H, W, C] without its data: what shapes a
+  video model for `launch.aot` (frame count, frame and clip shapes, levels)."""
+
+  def __init__(self, video_shape, num_levels: int = 256, num_classes: int = 0):
+    self.video_shape = tuple(int(d) for d in video_shape)
+    self.num_frames, self.frame_shape = self.video_shape[0], self.video_shape[1:]
+    self.image_shape = self.frame_shape
+    self.num_levels, self.num_classes = num_levels, num_classes
