@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from imagen import video_experiment
-from launch import config_flags, trainer
+from launch import cascade, config_flags, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from tests import runtime_helpers as h
@@ -92,19 +92,40 @@ def test_video_train_step_on_8_devices_equals_1_device(text_cache):
   h.assert_trees_equal(eight[0], one[0], rtol=2e-4, atol=2e-6)
 
 
-def test_a_resumed_video_run_equals_an_uninterrupted_one(tmp_path, text_cache):
-  """Train 2 steps, then rerun the command for 3: the parameters and data position equal
-  those of a run of 3 steps from scratch."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_cache):
+  """Workdirs of the same 3 steps: "fresh" uninterrupted, "resumed" stopped after step 2 and
+  rerun with the same command."""
+  root = tmp_path_factory.mktemp("video_runs")
   config = lambda n, every: _config(f"train.num_steps={n}", f"train.checkpoint_every={every}",
                                     "train.log_every=1", text_cache)
-  trainer.train(config(2, 2), str(tmp_path / "resumed"))
-  trainer.train(config(3, 2), str(tmp_path / "resumed"))    # restores step 2
-  trainer.train(config(3, 100), str(tmp_path / "fresh"))
-  setup = setup_lib.build(config(3, 2))
-  resumed = h.restore(setup, tmp_path / "resumed")
-  fresh = h.restore(setup, tmp_path / "fresh")
+  trainer.train(config(2, 2), str(root / "resumed"))
+  trainer.train(config(3, 2), str(root / "resumed"))    # restores step 2
+  trainer.train(config(3, 100), str(root / "fresh"))
+  return {"fresh": root / "fresh", "resumed": root / "resumed", "config": config(3, 2)}
+
+
+def test_a_resumed_video_run_equals_an_uninterrupted_one(trained):
+  """Train 2 steps, then rerun the command for 3: the parameters equal those of a run of 3
+  steps from scratch (the data position and the state were restored)."""
+  setup = setup_lib.build(trained["config"])
+  resumed = h.restore(setup, trained["resumed"])
+  fresh = h.restore(setup, trained["fresh"])
   assert int(resumed["step"]) == int(fresh["step"]) == 3
   h.assert_trees_equal(h.host(resumed["params"]), h.host(fresh["params"]))
+
+
+def test_video_sampling_on_8_devices_equals_1_device(trained):
+  """launch.sample_video's sampler (the cascade runner on one video stage, the prompts'
+  batch sharded over the mesh) gives the same guided clips on 8 devices as on 1."""
+  prompts = ["the digit 3 moving left", "a 7 bouncing around"]
+  run = lambda devices: cascade.run_cascade(
+      [str(trained["fresh"])], prompts, num_per_prompt=4, steps=[2], guidance=[1.0],
+      samplers_=["ddim"], aug_levels=[0.0], threshold="dynamic", seed=0, devices=devices)
+  one, eight = run(jax.devices()[:1]).images[0], run(jax.devices()).images[0]
+  assert one.shape == (8, 4, 12, 12, 1)
+  np.testing.assert_allclose(eight, one, atol=1e-5)
+  assert np.abs(one[0] - one[1]).max() > 0.1   # different noise per clip
 
 
 def test_video_samples_are_written_as_gif_mp4_and_a_filmstrip(tmp_path):
