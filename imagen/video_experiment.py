@@ -22,7 +22,9 @@ of a cascade, as in `imagen/experiment.py`.
   - `build_model(cfg, num_levels, video_shape, rngs, dtype)` -> VideoStage;
   - `loss_and_grads(graphdef, params, batch, rng, cfg[, text_encoder])`;
   - `stage_cond(model, batch, rng, cfg, *, train)` -> the network's cond dict;
-  - sampling: `imagen.experiment.sample` (generic over the sample shape).
+  - sampling: `imagen.experiment.sample` (generic over the sample shape);
+  - `extend(model, clips, rng, cond, ...)`: longer clips than the stage was trained on, by
+    reconstruction guidance (Ho et al. sec. 3.1, vdm/reconstruction_guidance.py).
 """
 
 import math
@@ -35,7 +37,7 @@ from imagen import text_conditioning
 from imagen.experiment import downsample
 from imagen.unet_presets import video_unet_config
 from imagen.video_unet import VideoUNet
-from vdm import guidance, losses, process, schedules
+from vdm import guidance, losses, process, reconstruction_guidance, samplers, schedules
 from vdm.model import DiffusionModel
 
 
@@ -149,3 +151,25 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, metrics, grads
+
+
+def extend(model: VideoStage, clips, rng, cond: dict, *, total_frames: int, num_known: int,
+           num_steps: int, guidance_w=0.0, w_r: float = 2.0, sampler: str = "ddim",
+           threshold: str = "dynamic"):
+  """Clips [B, F0, H, W, C] in [-1, 1] extended autoregressively to `total_frames`: each
+  round samples a window of the stage's F frames whose first `num_known` are the last
+  frames so far, by reconstruction guidance with weight w_r (eq. 7) on the text-guided
+  denoiser (classifier-free weight guidance_w), and appends its new frames."""
+  frames = model.image_shape[0]
+  if not 1 <= num_known < frames:
+    raise ValueError(f"num_known={num_known} must be between 1 and the stage's clip length "
+                     f"{frames} - 1 (each window needs new frames)")
+  cond = model.sampling_cond(cond, clips.shape[0])
+  denoise = guidance.guided(lambda z, lam, c: model.denoise(z, lam, c), guidance_w,
+                            guidance.drop_text)
+  window = reconstruction_guidance.window_sampler(
+      denoise, model.logsnr, frames, num_steps=num_steps, sampler=sampler, cond=cond,
+      clip_x=samplers.clip_hook(threshold), jit=False)
+  return reconstruction_guidance.extend_video(lambda known, r: window(known, r, w_r), clips,
+                                              rng, num_known=num_known,
+                                              total_frames=total_frames)

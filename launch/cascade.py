@@ -20,7 +20,8 @@ from launch import text_encoder as text_encoder_lib
 from launch import workdir as workdir_lib
 
 CascadeResult = collections.namedtuple(
-    "CascadeResult", ["images", "configs", "setups", "compile_seconds", "sample_seconds"])
+    "CascadeResult", ["images", "configs", "setups", "params", "text_cond", "compile_seconds",
+                      "sample_seconds"])
 
 
 def read_prompts(prompts, prompts_file) -> list[str]:
@@ -48,8 +49,10 @@ def per_stage(values, n, name, cast):
 def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, aug_levels,
                 threshold, seed, devices=None):
   """A CascadeResult: each stage's images in [-1, 1] ([N, H, W, C] numpy, N = prompts x
-  num_per_prompt), configs, setups, and per stage the seconds spent compiling and sampling
-  (text encoding excluded). `devices`: the mesh's devices (default all)."""
+  num_per_prompt; clips [N, F, H, W, C] for video stages), configs, setups, EMA params, the
+  prompts' text conditioning (host arrays, one row per sample), and per stage the seconds
+  spent compiling and sampling (text encoding excluded). `devices`: the mesh's devices
+  (default all)."""
   loaded = [workdir_lib.load_workdir(w, devices=devices) for w in stages]
   for _, _, ckpt in loaded:
     ckpt.close()
@@ -73,5 +76,6 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
                  stages[i], len(captions), "x".join(map(str, x.shape[1:])), steps[i],
                  out.sample_seconds[i], out.compile_seconds[i])
   return CascadeResult(out.images, [setup.config for setup, _, _ in loaded],
-                       [setup for setup, _, _ in loaded], out.compile_seconds,
-                       out.sample_seconds)
+                       [setup for setup, _, _ in loaded],
+                       [state["ema"] for _, state, _ in loaded], text_cond,
+                       out.compile_seconds, out.sample_seconds)

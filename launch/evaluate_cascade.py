@@ -72,7 +72,7 @@ def main(argv):
   prompts, labels = digit_prompts(_NUM.value)
   results = []
   for w, aug_levels in [(v, a) for v in weights for a in aug_settings]:
-    outputs, _, setups, _, _ = run_cascade(
+    outputs, _, setups, *_ = run_cascade(
         stages, prompts, num_per_prompt=1, steps=steps,
         guidance=[w] + [0.0] * (n - 1), samplers_=["ddim"] * n,
         aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value)

@@ -80,7 +80,7 @@ def main(argv):
                                       chosen=_OUT.value is not None,
                                       overwrite=_OVERWRITE.value)
   distributed.initialize()
-  outputs, _, setups, _, _ = cascade.run_cascade(
+  outputs, _, setups, *_ = cascade.run_cascade(
       stages, prompts, num_per_prompt=_NUM.value, **options,
       threshold=_THRESHOLD.value, seed=_SEED.value)
   if distributed.is_main_process():

@@ -3,6 +3,7 @@ r"""Text-to-video with a trained video stage: clips for prompts, as GIF, MP4 and
   python -m launch.sample_video --workdir runs/video \
       --prompts "the digit 3 moving left,a 7 bouncing around" --num_per_prompt 4 \
       [--steps 64] [--guidance 1.0] [--sampler ddim] [--fps 8] [--out DIR [--overwrite]]
+      [--extend_to 24 [--num_known 4] [--w_r 2.0]]
 
 The stage's saved config rebuilds it (EMA params of the latest checkpoint, or --step); the
 prompts are encoded by the text encoder its config names (data.t5, the one its text cache
@@ -11,14 +12,23 @@ axes, so this samples the same clips on one device and on a pod slice. Written t
 (default WORKDIR/videos, numbered when taken): videos.gif and videos.mp4 (one row per
 prompt, the clips of a prompt side by side, playing in step), videos.png (one row per clip,
 its frames left to right) and prompts.txt.
+
+--extend_to N continues each clip autoregressively to N frames (beyond the length the stage
+was trained on) by reconstruction guidance (Ho et al. 2022, sec. 3.1, eq. 7): every round
+samples a window of the stage's clip length whose first --num_known frames are the last
+frames so far, guided toward them with weight --w_r (0: the replacement method, which the
+paper shows loses coherence), and keeps its new frames; written as extended.gif/.mp4/.png.
 """
 
+import jax
 import numpy as np
 from absl import flags
+from flax import nnx
 
 from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs, images, metric_writer, videos
+from imagen import video_experiment
 from vdm import losses
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
@@ -36,6 +46,11 @@ _FPS = flags.DEFINE_integer("fps", 8, "Frame rate of the GIF and MP4 files.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/videos).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the files in an existing --out.")
+_EXTEND_TO = flags.DEFINE_integer("extend_to", 0, "Extend every clip to this many frames "
+                                  "(0: no extension).")
+_NUM_KNOWN = flags.DEFINE_integer("num_known", None, "Frames each extension window is "
+                                  "conditioned on (default: half the clip length).")
+_W_R = flags.DEFINE_float("w_r", 2.0, "Reconstruction guidance weight of the extension.")
 flags.register_validator("num_per_prompt", lambda n: n >= 1, "--num_per_prompt is the "
                          "number of clips per prompt: pass a positive number, e.g. 4.")
 flags.register_validator("steps", lambda n: n >= 1, "--steps is the number of sampling "
@@ -62,16 +77,37 @@ def main(argv):
     raise config_flags.InputError(f"{_WORKDIR.value} is an image stage (family "
                                   f"{result.configs[-1].family!r}); sample it with "
                                   "python -m launch.sample_cascade --stages ...")
+  outputs = {"videos": clips}
+  if _EXTEND_TO.value:
+    outputs["extended"] = extend(result, clips)
   if distributed.is_main_process():
     levels = result.setups[-1].source.num_levels
-    clips = np.asarray(losses.x_to_int(clips, levels))
-    written = videos.write_videos(out_dir, "videos", clips, levels, fps=_FPS.value,
-                                  columns=_NUM.value)
-    strip = videos.filmstrip(clips, levels, scale=videos.default_scale(clips))
-    written["png"] = images.write_png(fs.join(out_dir, "videos.png"), strip)
+    for name, x in outputs.items():
+      x = np.asarray(losses.x_to_int(x, levels))
+      written = videos.write_videos(out_dir, name, x, levels, fps=_FPS.value,
+                                    columns=_NUM.value)
+      strip = videos.filmstrip(x, levels, scale=videos.default_scale(x))
+      written["png"] = images.write_png(fs.join(out_dir, f"{name}.png"), strip)
+      for path in written.values():
+        print(path)
     fs.write_atomic(fs.join(out_dir, "prompts.txt"), "\n".join(prompts) + "\n")
-    for path in written.values():
-      print(path)
+
+
+def extend(result, clips):
+  """The sampled clips extended to --extend_to frames (module docstring)."""
+  setup, params = result.setups[-1], result.params[-1]
+  frames = clips.shape[1]
+  num_known = _NUM_KNOWN.value or frames // 2
+  if _EXTEND_TO.value <= frames or not 1 <= num_known < frames:
+    raise config_flags.InputError(
+        f"--extend_to {_EXTEND_TO.value} must exceed the clip length {frames}, and "
+        f"--num_known {num_known} must be between 1 and {frames - 1}")
+  fn = jax.jit(lambda p, x, c, rng: video_experiment.extend(
+      nnx.merge(setup.graphdef, p), x, rng, c, total_frames=_EXTEND_TO.value,
+      num_known=num_known, num_steps=_STEPS.value, guidance_w=_GUIDANCE.value, w_r=_W_R.value,
+      sampler=_SAMPLER.value, threshold=_THRESHOLD.value))
+  return np.asarray(jax.device_get(fn(params, clips, result.text_cond,
+                                      jax.random.key(_SEED.value + 1))))
 
 
 def run():

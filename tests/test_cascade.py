@@ -71,8 +71,8 @@ def test_cascade_on_8_devices_samples_the_same_images_as_on_1(stages):
                 samplers_=["ancestral", "ddim"], aug_levels=[0.0, 0.2], threshold="dynamic",
                 seed=3)
   prompts = ["a handwritten seven", "the number 3", "zero"]
-  one, _, setups_1, _, _ = cascade.run_cascade(stages, prompts, devices=jax.devices()[:1], **kwargs)
-  eight, _, setups_8, _, _ = cascade.run_cascade(stages, prompts, devices=jax.devices(), **kwargs)
+  one, _, setups_1, *_ = cascade.run_cascade(stages, prompts, devices=jax.devices()[:1], **kwargs)
+  eight, _, setups_8, *_ = cascade.run_cascade(stages, prompts, devices=jax.devices(), **kwargs)
   assert mesh_lib.batch_shards(setups_1[0].mesh) == 1
   assert mesh_lib.batch_shards(setups_8[0].mesh) == 8
   assert [x.shape for x in one] == [(6, 4, 4, 1), (6, 8, 8, 1)]
