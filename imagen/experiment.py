@@ -133,20 +133,28 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
       factor = model.image_shape[0] // model.lowres_size if model.lowres_size else 1
       corners = random_crops(k_crop, x.shape[0], x.shape[1], cfg.crop_size, factor)
       x = crop(x, corners, cfg.crop_size)
-    t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
-    lam, rate = schedules.logsnr_and_rate(model.schedule, t)
-    eps = jax.random.normal(k_eps, x.shape)
-    z = process.diffuse(x, lam, eps)
     cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
                       corners=corners)
-    pred = model.denoise(z, lam, cond, dropout_key=k_drop)
-    per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
-                                                 **cfg.weighting_params)
-    loss = jnp.mean(per_example) / (math.prod(x.shape[1:]) * math.log(2.0))
+    loss = denoising_loss(model, x, cond, (k_t, k_eps, k_drop), cfg)
     return loss, {"loss": loss}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, metrics, grads
+
+
+def denoising_loss(model, x, cond, keys, cfg):
+  """The batch mean of the weighted denoising loss 1/2 c(t) ||eps - eps-hat||^2 of x given
+  cond (cfg.weighting; v-MSE by default), in units of nats/(dim ln 2). keys: the keys of
+  (t, eps, dropout)."""
+  k_t, k_eps, k_drop = keys
+  t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
+  lam, rate = schedules.logsnr_and_rate(model.schedule, t)
+  eps = jax.random.normal(k_eps, x.shape)
+  z = process.diffuse(x, lam, eps)
+  pred = model.denoise(z, lam, cond, dropout_key=k_drop)
+  per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
+                                               **cfg.weighting_params)
+  return jnp.mean(per_example) / (math.prod(x.shape[1:]) * math.log(2.0))
 
 
 def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, guidance_w=0.0,

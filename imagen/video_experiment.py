@@ -27,17 +27,15 @@ of a cascade, as in `imagen/experiment.py`.
     reconstruction guidance (Ho et al. sec. 3.1, vdm/reconstruction_guidance.py).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from imagen import text_conditioning
-from imagen.experiment import downsample
+from imagen.experiment import denoising_loss, downsample
 from imagen.unet_presets import video_unet_config
 from imagen.video_unet import VideoUNet
-from vdm import guidance, losses, process, reconstruction_guidance, samplers, schedules
+from vdm import guidance, losses, reconstruction_guidance, samplers, schedules
 from vdm.model import DiffusionModel
 
 
@@ -137,16 +135,9 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
     x, is_image = stage_videos(model, batch), None
     if cfg.joint_image_fraction > 0:
       x, is_image = joint_images(k_joint, x, cfg.joint_image_fraction)
-    t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
-    lam, rate = schedules.logsnr_and_rate(model.schedule, t)
-    eps = jax.random.normal(k_eps, x.shape)
-    z = process.diffuse(x, lam, eps)
     cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
                       is_image=is_image)
-    pred = model.denoise(z, lam, cond, dropout_key=k_drop)
-    per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
-                                                 **cfg.weighting_params)
-    loss = jnp.mean(per_example) / (math.prod(x.shape[1:]) * math.log(2.0))
+    loss = denoising_loss(model, x, cond, (k_t, k_eps, k_drop), cfg)
     return loss, {"loss": loss}
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -12,7 +12,7 @@ from configs.video import common
 from imagen import experiment as imagen_experiment
 from imagen import video_experiment as experiment
 from launch.data import pipeline
-from launch.families import imagen
+from launch.families.imagen import IMAGEN
 from launch.families.base import Family, compute_dtype
 from vdm import losses
 
@@ -60,7 +60,7 @@ VIDEO = Family(
     loss_and_grads=_loss_and_grads,
     sample=_sample,
     get_source=_get_source,
-    wrap_source=imagen.IMAGEN.wrap_source,
-    frozen_init=imagen.IMAGEN.frozen_init,
+    wrap_source=IMAGEN.wrap_source,
+    frozen_init=IMAGEN.frozen_init,
     batch_keys=("video", "label", "text_emb", "text_mask", "input_ids", "attention_mask"),
 )
