@@ -77,7 +77,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vdm.nets import layers, stack
+from vdm.nets import layers, sharding, stack
+from vdm.nets.sharding import IMAGE
 from vdm.nets.unet import logsnr_to_time
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)  # Imagen appendix B.1
@@ -196,7 +197,7 @@ class Level(nnx.Module):
     if self.attn is not None:
       h = self.attn(h)
     if self.cross is not None:
-      h = self.cross(h, *text)
+      h = sharding.constrain(self.cross(h, *text), IMAGE)
     return h
 
 
@@ -226,7 +227,7 @@ class UpLevel(Level):
 
   def __call__(self, h, skip, emb, text, dropout_key=None):
     if skip is not None:
-      h = jnp.concatenate([h, skip], axis=-1)
+      h = sharding.constrain(jnp.concatenate([h, skip], axis=-1), IMAGE)
     h = self.body(h, emb, text, dropout_key)
     return h if self.upsample is None else self.upsample(h)
 
@@ -383,7 +384,7 @@ class EfficientUNet(nnx.Module):
       text = jnp.zeros((batch, 0, self.text_dim), jnp.float32)
       mask = jnp.zeros((batch, 0), bool)
     null = jnp.broadcast_to(self.null_text[...][None], (batch, 1, self.text_dim))
-    return (jnp.concatenate([null, text], axis=1),
+    return (sharding.constrain(jnp.concatenate([null, text], axis=1), sharding.TOKENS),
             jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1))
 
   def _scalar_embedding(self, mlp, logsnr):
@@ -439,7 +440,7 @@ class EfficientUNet(nnx.Module):
     emb = self.embedding(logsnr, cond, text)
     keys = layers.split_key(dropout_key, 2 * self.levels)
 
-    h = self.conv_in(h.astype(self.dtype))
+    h = sharding.constrain(self.conv_in(h.astype(self.dtype)), IMAGE)
     skips = []
     for level, key in zip(self.down, keys[:self.levels]):
       h = level(h, emb, text, key)
@@ -447,4 +448,5 @@ class EfficientUNet(nnx.Module):
     skips[-1] = None  # the lowest level continues without a skip
     for level, key, skip in zip(self.up, keys[self.levels:], reversed(skips)):
       h = level(h, skip, emb, text, key)
-    return self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
+    out = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
+    return sharding.constrain(out, IMAGE)

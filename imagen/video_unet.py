@@ -69,14 +69,14 @@ labels, guidance weight. One embedding per example, shared by its frames. New he
 Sharding. z and the activations have logical axes VIDEO_AXES = ("batch", "frames",
 "height", "width", "channels"). Layers see the frames folded into the batch, so a mesh
 axis may split frames as it splits the batch; the temporal layers then need the frames of a
-position together, which GSPMD arranges (an all-to-all). The net names the activation axes
-through an optional hook, `shard_activations(x, VIDEO_AXES) -> x`, applied to the
-[B, F, H, W, C] activations at the input, after every level and at the output; the caller
-builds it from its mesh and rules (e.g. `jax.lax.with_sharding_constraint` with
-`launch.mesh.named_sharding(names, x.shape, mesh, rules)`), since imagen/ never imports
-launch/; its rules must then name "frames" (launch/mesh.py's presets do not yet: add
-("frames", None), or a mesh axis). Without a hook nothing is constrained and shardings
-propagate from the inputs.
+position together, which GSPMD arranges (an all-to-all). The [B, F, H, W, C] activations
+at the input, after every level and at the output go through `vdm.nets.sharding.constrain`
+with these names, the one mechanism of every net (the Efficient U-Net's blocks inside
+constrain their folded [B * F, H, W, C] views the same way): the identity unless the
+caller, which owns the mesh, activates a hook (launch/setup.py does, with
+`launch.mesh.activation_hook`; imagen/ never imports launch/). A `shard_activations` hook
+given to the constructor (or set on the net) is used for those [B, F, ...] views instead
+(kept for callers written before the shared mechanism).
 Parameters carry the logical names of `vdm/nets/layers.py`; new ones:
   temporal conv kernel [3, C, C]   (None, "conv_in", "conv_out"), bias ("conv_out",)
   relative bias [num_buckets, heads] (None, "heads")       (as in imagen/t5.py)
@@ -92,10 +92,10 @@ from imagen.efficient_unet import (CrossAttentionBlock, EfficientResBlock, Effic
                                    _per_level)
 from imagen.temporal_layers import (  # noqa: F401  (the last three: video_unet.X)
     TemporalAttention, TemporalConv, frame_links, REL_BIAS, TEMPORAL_CONV_KERNEL)
-from vdm.nets import layers, stack
+from vdm.nets import layers, sharding, stack
 
 NAME = "VideoUNet"
-VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
+VIDEO_AXES = sharding.VIDEO  # ("batch", "frames", "height", "width", "channels")
 
 
 class SpaceTimeBlock(nnx.Module):
@@ -184,7 +184,7 @@ class VideoUNet(EfficientUNet):
     num_buckets, max_distance: T5 relative-position buckets of the temporal attention.
     fps_cond: require cond["fps"] (float [B]) and add its embedding.
     shard_activations: optional hook fn(x, VIDEO_AXES) -> x for the [B, F, H, W, C]
-      activations (see the module docstring).
+      activations, used instead of `vdm.nets.sharding`'s active hook (module docstring).
   cond keys: text_emb/text_mask (if text_dim), lowres/aug_logsnr (if lowres_cond), label,
   guidance_w, fps (if fps_cond), is_image (always optional).
   """
@@ -305,10 +305,13 @@ class VideoUNet(EfficientUNet):
     return emb + self.fps_emb(feats).astype(emb.dtype)
 
   def _constrain(self, h, batch: int, frames: int):
-    """Applies the sharding hook to the [B, F, H, W, C] view of folded activations."""
-    if self.shard_activations is None:
+    """Constrains the [B, F, H, W, C] view of folded activations (vdm/nets/sharding.py, or
+    the net's own `shard_activations` hook when it has one)."""
+    hook = self.shard_activations
+    if hook is None and sharding.active() is None:
       return h
-    video = self.shard_activations(h.reshape((batch, frames) + h.shape[1:]), VIDEO_AXES)
+    video = h.reshape((batch, frames) + h.shape[1:])
+    video = sharding.constrain(video, VIDEO_AXES) if hook is None else hook(video, VIDEO_AXES)
     return video.reshape(h.shape)
 
   # --- forward ---

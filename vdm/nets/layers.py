@@ -22,9 +22,12 @@ name to at most one mesh axis gives a valid PartitionSpec.
 Parameters are created with `eager_sharding=False`: building a module needs no mesh, and
 sharding is applied by the caller (`nnx.get_partition_spec(state)` under logical-axis rules,
 then a jitted init with those out_shardings), as shared/DESIGN.md prescribes. Activations
-carry no sharding annotations: under a mesh with Auto axis types XLA propagates shardings
-from the parameters; with Explicit axes a dot over a sharded contracting dimension fails
-(it would need an out_sharding), so use Auto axes for these nets.
+are named at block boundaries (a ResBlock's input, embedding and output, an attention
+block's and a resampling's output) through `vdm.nets.sharding.constrain`, the identity
+unless the launch side activates a hook with its mesh (that module says why FSDP needs
+it); between those points XLA propagates shardings under a mesh with Auto axis types. With
+Explicit axes a dot over a sharded contracting dimension fails (it would need an
+out_sharding), so use Auto axes for these nets.
 
 Dtypes: parameters are float32 (`param_dtype`); convs, dense layers and attention compute
 in `dtype` (e.g. bfloat16); group norms, embeddings of scalars and attention softmax are
@@ -37,6 +40,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vdm.nets import sharding
+from vdm.nets.sharding import IMAGE
 
 LOGICAL_AXES = ("conv_in", "conv_out", "embed", "mlp", "heads", "norm", "vocab")
 
@@ -278,10 +284,12 @@ class ResBlock(nnx.Module):
     self.skip = conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
 
   def __call__(self, x, emb=None, *, dropout_key=None):
+    x = sharding.constrain(x, IMAGE)
     h = self.conv1(jax.nn.swish(self.norm1(x)))
     if self.emb_proj is not None:
       if emb is None:
         raise ValueError("this ResBlock was built with emb_dim; pass an embedding")
+      emb = sharding.constrain(emb, sharding.VECTOR)
       e = self.emb_proj(jax.nn.swish(emb))[:, None, None, :]
       if self.adaptive_norm:
         scale, shift = jnp.split(e, 2, axis=-1)
@@ -294,7 +302,7 @@ class ResBlock(nnx.Module):
     h = self.dropout(h, deterministic=dropout_key is None, rngs=dropout_key)
     h = self.conv2(h)
     skip = x if self.skip is None else self.skip(x)
-    return skip + h
+    return sharding.constrain(skip + h, IMAGE)
 
 
 class AttentionBlock(nnx.Module):
@@ -320,7 +328,8 @@ class AttentionBlock(nnx.Module):
     n = self.norm(x).reshape(b, hh * ww, c)
     heads = lambda t: t.reshape(b, hh * ww, self.num_heads, c // self.num_heads)
     a = jax.nn.dot_product_attention(heads(self.q(n)), heads(self.k(n)), heads(self.v(n)))
-    return x + self.out(a.reshape(b, hh * ww, c)).reshape(b, hh, ww, c)
+    return sharding.constrain(x + self.out(a.reshape(b, hh * ww, c)).reshape(b, hh, ww, c),
+                              IMAGE)
 
 
 class Downsample(nnx.Module):
@@ -333,7 +342,7 @@ class Downsample(nnx.Module):
   def __call__(self, x):
     if x.shape[1] % 2 or x.shape[2] % 2:
       raise ValueError(f"Downsample needs even H and W, got {x.shape[1:3]}")
-    return avg_pool2(x) if self.conv is None else self.conv(x)
+    return sharding.constrain(avg_pool2(x) if self.conv is None else self.conv(x), IMAGE)
 
 
 class Upsample(nnx.Module):
@@ -345,7 +354,7 @@ class Upsample(nnx.Module):
 
   def __call__(self, x):
     x = nearest_upsample2(x)
-    return x if self.conv is None else self.conv(x)
+    return sharding.constrain(x if self.conv is None else self.conv(x), IMAGE)
 
 
 def check_inputs(z, logsnr, channels: int, name: str):
