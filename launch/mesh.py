@@ -186,6 +186,8 @@ PRESETS = {
                ("norm", None), ("vocab", "tensor")) + _ACTIVATIONS_REPLICATED,
 }
 
+_ACTIVATION_DEFAULTS = (("batch", BATCH_AXES),) + _ACTIVATIONS_REPLICATED
+
 DEFAULT_RULES = PRESETS["fsdp"]  # with the default mesh (-1, 1, 1) this is data parallel
 
 
@@ -268,6 +270,25 @@ def named_sharding(logical_names, shape, mesh: Mesh, rules) -> NamedSharding:
   """NamedSharding for one array given its logical dim names and shape."""
   spec = logical_to_mesh_spec(logical_names, rules)
   return NamedSharding(mesh, shard_for_shape(spec, shape, mesh))
+
+
+def activation_hook(mesh: Mesh, rules) -> Callable[[jax.Array, tuple], jax.Array]:
+  """`hook(x, names)` for `vdm.nets.sharding.use`: constrains an activation to the sharding of
+  its logical names under `rules` (non-divisible dims replicated, as for parameters).
+
+  Under the "fsdp" preset this keeps the batch split over ("data", "fsdp") and the channels
+  whole at every block boundary, so GSPMD all-gathers weights (ZeRO-3) rather than resharding
+  activations around convs whose kernels are split over "fsdp" (vdm/nets/sharding.py).
+  Activation names that `rules` leave out take the presets' values (the batch over
+  BATCH_AXES, as every batch is loaded; the other dims whole), so rule sets written for
+  parameters only keep working.
+  """
+  rules = rules_for(rules) + _ACTIVATION_DEFAULTS   # the first rule for a name wins
+
+  def hook(x, names):
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, x.shape, mesh, rules))
+
+  return hook
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -5,6 +5,7 @@ start here, so a model is built and sharded the same way wherever it runs.
 """
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -15,13 +16,14 @@ from flax import nnx
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distributed, families, mesh as mesh_lib, train_state
 from launch.data import pipeline
+from vdm.nets import sharding as activation_sharding
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything derived from a config that training, evaluation and sampling share."""
   config: object
-  family: families.Family
+  family: families.Family   # the config's family, its functions bound to this mesh (on_mesh)
   mesh: jax.sharding.Mesh
   source: object            # the training split's source (metadata: levels, shape, classes)
   graphdef: object
@@ -114,6 +116,7 @@ def build(config, devices=None, workdir=None, frozen_module=None, source=None) -
                "ema": param_sh, "rng": mesh_lib.replicated(mesh)}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
+  family = on_mesh(family, mesh, config.mesh.rules, param_sh)
   frozen = ()
   if frozen_module is not None:
     # A frozen module (e.g. the T5 encoder) goes into the step as a sharded argument.
@@ -124,6 +127,44 @@ def build(config, devices=None, workdir=None, frozen_module=None, source=None) -
                 frozen)
   setup.init = jax.jit(init, out_shardings=shardings)
   return setup
+
+
+def on_mesh(family: families.Family, mesh, rules, param_sh) -> families.Family:
+  """The family with its functions traced under the mesh's activation shardings, and the
+  gradients of `loss_and_grads` constrained to the parameters' shardings.
+
+  Nets name their activations at block boundaries (`vdm.nets.sharding.constrain`); here
+  those names get this mesh's shardings (`mesh.activation_hook`) whenever the trainer, the
+  evaluator, the sampler or `launch.aot` traces a family function. Under FSDP this keeps the
+  batch split and the channels whole, so GSPMD all-gathers the weights, as ZeRO-3 means,
+  instead of all-gathering activations around convs whose kernels are split over "fsdp"
+  and all-reducing activation-sized partial sums in the backward pass. Each call's
+  gradients are pinned to the parameters' shardings, so they are reduced into shards, never
+  held whole, and the gradient-accumulation sum of `train_state.make_train_step` adds
+  sharded terms.
+  """
+  hook = mesh_lib.activation_hook(mesh, rules)
+
+  def traced_on_mesh(fn):
+    if fn is None:
+      return None
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      with activation_sharding.use(hook):
+        return fn(*args, **kwargs)
+    return wrapped
+
+  loss_and_grads = traced_on_mesh(family.loss_and_grads)
+
+  @functools.wraps(family.loss_and_grads)
+  def constrained_loss_and_grads(*args, **kwargs):
+    loss, metrics, grads = loss_and_grads(*args, **kwargs)
+    return loss, metrics, jax.lax.with_sharding_constraint(grads, param_sh)
+
+  return dataclasses.replace(
+      family, loss_and_grads=constrained_loss_and_grads, sample=traced_on_mesh(family.sample),
+      eval_terms=traced_on_mesh(family.eval_terms), ode_terms=traced_on_mesh(family.ode_terms))
 
 
 def _place(value, sharding):

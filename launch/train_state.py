@@ -95,29 +95,41 @@ def _all_finite(tree):
 
 
 def make_train_step(loss_and_grads: Callable, tx: optax.GradientTransformation, *,
-                    ema_decay: float, grad_accum: int = 1) -> Callable:
+                    ema_decay: float, grad_accum: int = 1, param_shardings=None) -> Callable:
   """Returns step(state, batch, *frozen) -> (state, metrics), to be jitted by the trainer.
 
   `frozen` are untrained inputs of the loss (e.g. a frozen T5 encoder's weights), passed as
   arguments rather than closed over so that they are sharded, not baked into the program.
+  `param_shardings` (the params' shardings, optional): the gradients and the
+  gradient-accumulation sum are constrained to them, so under FSDP each micro-batch's
+  gradients are reduce-scattered into the parameters' shards and the sum carried across
+  micro-batches is sharded like the parameters, never a whole copy per device.
   """
+
+  def like_params(grads):
+    if param_shardings is None:
+      return grads
+    return jax.lax.with_sharding_constraint(grads, param_shardings)
 
   def grads_of(params, batch, rng, *frozen):
     if grad_accum == 1:
-      return loss_and_grads(params, batch, rng, *frozen)
+      loss, metrics, grads = loss_and_grads(params, batch, rng, *frozen)
+      return loss, metrics, like_params(grads)
 
     def body(carry, micro):
       i, (loss, metrics, grads) = carry[0], carry[1]
       l, m, g = loss_and_grads(params, micro, jax.random.fold_in(rng, i), *frozen)
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (i + 1, (loss + l, add(metrics, m), add(grads, g))), None
+      return (i + 1, (loss + l, add(metrics, m), like_params(add(grads, like_params(g))))), None
 
     micro = _micro_batches(batch, grad_accum)
     first = jax.tree.map(lambda a: a[0], micro)
     shapes = jax.eval_shape(loss_and_grads, params, first, rng, *frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zeros = (zeros[0], zeros[1], like_params(zeros[2]))
     (_, totals), _ = jax.lax.scan(body, (0, zeros), micro)
-    return jax.tree.map(lambda a: a / grad_accum, totals)
+    loss, metrics, grads = jax.tree.map(lambda a: a / grad_accum, totals)
+    return loss, metrics, like_params(grads)
 
   def step(state, batch, *frozen):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
