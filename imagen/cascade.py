@@ -1,6 +1,11 @@
 """Sampling a trained Imagen cascade: the base stage from text, then each super-resolution
 stage from text and the previous stage's output (Saharia et al. 2022, sec. 2.5).
 
+Image stages chain images [N, H, W, C]; video stages (Imagen Video, Ho et al. 2022b) chain
+clips [N, F, H, W, C]: a temporal SR stage takes the previous clips at its lower frame count,
+a spatial one at its lower frame size (imagen/video_sr.py brings them to the stage's shape),
+each noise-augmented to the stage's aug_level.
+
 Pure of where it runs: `place` puts a host batch onto devices (the launch side shards it over
 the mesh's data axes, padding the batch) and `compile_fn(fn, *args)` compiles a stage, so the
 same loop samples on one CPU and on a pod slice. Per stage: the number of sampling steps,
@@ -16,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imagen import experiment
+from imagen import experiment, video_experiment
 
 StageSettings = collections.namedtuple(
     "StageSettings", ["steps", "guidance_w", "sampler", "aug_level", "threshold"])
@@ -26,30 +31,38 @@ CascadeOutput = collections.namedtuple(
 
 def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: StageSettings):
   """`num` images (or clips, for a video stage) in [-1, 1] from one stage; cond holds the
-  text and, for an SR stage, "lowres_image" (the previous stage's images), noise-augmented
-  here to s.aug_level."""
+  text and, for an SR stage, "lowres_image" (the previous stage's images or clips),
+  noise-augmented here to s.aug_level."""
   k_aug, k_sample = jax.random.split(rng)
   cond = model.sampling_cond(cond, num)     # e.g. a video stage's frame rate
   if "lowres_image" in cond:
     cond = dict(cond)
-    lowres = cond.pop("lowres_image")
-    cond.update(experiment.lowres_cond(model, lowres, k_aug, jnp.full((num,), s.aug_level)))
+    lowres, t_aug = cond.pop("lowres_image"), jnp.full((num,), s.aug_level)
+    if isinstance(model, video_experiment.VideoStage):
+      cond.update(model.lowres_cond(lowres, k_aug, t_aug))
+    else:
+      cond.update(experiment.lowres_cond(model, lowres, k_aug, t_aug))
   return experiment.sample(model, k_sample, cond, num, num_steps=s.steps,
                            guidance_w=s.guidance_w, sampler=s.sampler, threshold=s.threshold)
+
+
+def is_super_resolution(model) -> bool:
+  """Whether a stage conditions on the previous stage's output (image SR, video SSR / TSR)."""
+  return bool(model.lowres_size or getattr(model, "lowres_frames", 0))
 
 
 def run_cascade(stages, text_cond: dict, num: int, settings, *, seed: int,
                 place=lambda tree: tree,
                 compile_fn=lambda fn, *args: jax.jit(fn).lower(*args).compile()):
-  """Runs every stage; returns a CascadeOutput of per-stage host images [num, H, W, C] and
-  compile / sampling seconds.
+  """Runs every stage; returns a CascadeOutput of per-stage host images [num, H, W, C] (clips
+  [num, F, H, W, C] for video stages) and compile / sampling seconds.
 
   stages: (graphdef, params) of each stage's model, base first; text_cond: host arrays
   text_emb [num, L, D] and text_mask [num, L]; settings: a StageSettings per stage."""
   outputs, previous, compile_s, sample_s = [], None, [], []
   for i, ((graphdef, params), s) in enumerate(zip(stages, settings)):
     cond = dict(text_cond)
-    if nnx.merge(graphdef, params).lowres_size:
+    if is_super_resolution(nnx.merge(graphdef, params)):
       if previous is None:
         raise ValueError(f"stage {i} is a super-resolution stage; put a base stage first")
       cond["lowres_image"] = previous

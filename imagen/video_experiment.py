@@ -16,13 +16,22 @@ so the net's temporal layers let each of their frames see only itself. The loss 
 for both kinds: the net learns to denoise frames alone and clips in the same weights.
 
 The stage's clips are the data subsampled to the stage's frame count (every k-th frame: a
-lower frame rate) and area-downsampled to its resolution, so one dataset serves every stage
-of a cascade, as in `imagen/experiment.py`.
+lower frame rate) and area-downsampled to its frame size, so one dataset serves every stage
+of a cascade, as in `imagen/experiment.py`. Frames may be non-square (model.frame_size =
+(H, W); Imagen Video's are 40 wide and 24 high, and so on up): `resolution` is then H.
+
+Super-resolution stages of the Imagen Video cascade (Ho et al. 2022b): model.lowres_size > 0
+(SSR: conditioned on the clip at the previous stage's frame height) and/or
+model.lowres_frames > 0 (TSR: on the clip at the previous stage's frame count), the input
+upsampled, filled and noise-augmented as `imagen/video_sr.py` describes; the net is built
+with lowres_cond=True. Both 0: a base stage, run from text alone by `imagen.cascade`.
 
   - `build_model(cfg, num_levels, video_shape, rngs, dtype)` -> VideoStage;
   - `loss_and_grads(graphdef, params, batch, rng, cfg[, text_encoder])`;
   - `stage_cond(model, batch, rng, cfg, *, train)` -> the network's cond dict;
   - sampling: `imagen.experiment.sample` (generic over the sample shape);
+  - `VideoStage.lowres_cond(x_low, rng, t_aug)`: an SR stage's cond entries from the previous
+    stage's clips (`imagen.cascade`);
   - `extend(model, clips, rng, cond, ...)`: longer clips than the stage was trained on, by
     reconstruction guidance (Ho et al. sec. 3.1, vdm/reconstruction_guidance.py).
 """
@@ -31,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen import text_conditioning
-from imagen.experiment import denoising_loss, downsample
+from imagen import noise_augmentation, text_conditioning, video_sr
+from imagen.experiment import denoising_loss
 from imagen.unet_presets import video_unet_config
 from imagen.video_unet import VideoUNet
 from vdm import guidance, losses, reconstruction_guidance, samplers, schedules
@@ -44,10 +53,24 @@ class VideoStage(DiffusionModel):
   (the shape samplers draw, one clip per example)."""
 
   def __init__(self, net, schedule, parameterization: str, num_levels: int, video_shape,
-               fps: float | None = None):
+               fps: float | None = None, *, lowres_size: int = 0, lowres_frames: int = 0,
+               tsr_fill: str = "repeat"):
     super().__init__(net, schedule, parameterization, num_levels, video_shape)
-    self.lowres_size = 0     # a base stage: imagen.cascade runs it from text alone
+    video_sr.check_stage(self.image_shape, lowres_size, lowres_frames, tsr_fill)
+    self.lowres_size = lowres_size      # SSR: the previous stage's frame height (0: none)
+    self.lowres_frames = lowres_frames  # TSR: the previous stage's frame count (0: none)
+    self.tsr_fill = tsr_fill            # TSR: how frames between known ones are filled
     self.fps = fps           # the clips' frame rate, given to a net built with fps_cond
+
+  @property
+  def is_super_resolution(self) -> bool:
+    """Conditioned on the previous stage's clips (SSR, TSR or both)."""
+    return bool(self.lowres_size or self.lowres_frames)
+
+  def lowres_cond(self, x_low, rng, t_aug) -> dict:
+    """cond["lowres"], cond["aug_logsnr"] from the previous stage's clips x_low
+    [B, F_low, h_low, w_low, C] in [-1, 1], noise-augmented to t_aug [B]."""
+    return video_sr.augment(self, video_sr.upsampled(self, x_low), rng, t_aug)
 
   def sampling_cond(self, cond: dict, num: int) -> dict:
     """cond completed with what the net takes besides text at sampling: the frame rate."""
@@ -60,42 +83,56 @@ class VideoStage(DiffusionModel):
   drop_conditioning = staticmethod(guidance.drop_text)
 
 
+def frame_size(cfg) -> tuple:
+  """(H, W) of the stage's frames: model.frame_size, or square at model.resolution."""
+  size = tuple(cfg.get("frame_size", ()) or ())
+  if not size:
+    return (cfg.resolution, cfg.resolution)
+  if len(size) != 2 or size[0] != cfg.resolution:
+    raise ValueError(f"model.frame_size={size} must be (H, W) with H = model.resolution="
+                     f"{cfg.resolution} (stage_config(resolution=(H, W)) sets both)")
+  return size
+
+
 def stage_shape(cfg, data_shape) -> tuple:
   """(F, H, W, C) of the stage for data clips of data_shape (F_data, H_data, W_data, C)."""
   frames, height, width, channels = data_shape
   if frames % cfg.num_frames:
     raise ValueError(f"model.num_frames={cfg.num_frames} must divide the data's {frames} "
                      "frames (the stage takes every k-th frame)")
-  if height % cfg.resolution or width % cfg.resolution or height != width:
-    raise ValueError(f"model.resolution={cfg.resolution} must divide the data's square "
-                     f"{height}x{width} frames")
-  return (cfg.num_frames, cfg.resolution, cfg.resolution, channels)
+  h, w = frame_size(cfg)
+  if height % h or width % w or height // h != width // w:
+    raise ValueError(f"the stage's {h}x{w} frames (model.resolution / model.frame_size) "
+                     f"must divide the data's {height}x{width} frames by one factor")
+  return (cfg.num_frames, h, w, channels)
 
 
 def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
                 dtype=jnp.float32) -> VideoStage:
-  """cfg = config.model: num_frames, resolution, unet preset and overrides, text_dim."""
+  """cfg = config.model: num_frames, resolution (frame_size), lowres_size / lowres_frames
+  (SR stages), unet preset and overrides, text_dim. The net's level sizes (its attention
+  resolutions) are named by the frame height."""
   shape = stage_shape(cfg, data_shape)
+  sr = dict(lowres_size=cfg.get("lowres_size", 0), lowres_frames=cfg.get("lowres_frames", 0),
+            tsr_fill=cfg.get("tsr_fill", "repeat"))
   kwargs = dict(video_unet_config(cfg.unet_preset))
   kwargs.update(dict(cfg.unet_overrides))
-  kwargs.update(channels=shape[-1], image_size=cfg.resolution, text_dim=cfg.text_dim,
+  kwargs.update(channels=shape[-1], image_size=shape[1], text_dim=cfg.text_dim,
                 fps_cond=cfg.fps_cond, scan_layers=cfg.scan_layers, remat=cfg.remat,
+                lowres_cond=bool(sr["lowres_size"] or sr["lowres_frames"]),
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
                 guidance_embedding=cfg.guidance_embedding, dtype=dtype)
   net = VideoUNet(**kwargs, rngs=rngs)
   return VideoStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
-                    num_levels, shape, fps=float(cfg.fps) if cfg.fps_cond else None)
+                    num_levels, shape, fps=float(cfg.fps) if cfg.fps_cond else None, **sr)
 
 
 def stage_videos(model: VideoStage, batch):
-  """The batch's clips in [-1, 1] at this stage's frame count and resolution."""
+  """The batch's clips in [-1, 1] at this stage's frame count and frame size."""
   x = losses.int_to_x(batch["video"], model.num_levels)
-  frames, size = model.image_shape[:2]
+  frames, height, width = model.image_shape[:3]
   x = x[:, ::x.shape[1] // frames]
-  if x.shape[2] != size:
-    b, f = x.shape[:2]
-    x = downsample(x.reshape((b * f,) + x.shape[2:]), size).reshape((b, f, size, size, -1))
-  return x
+  return video_sr.area_downsample(x, height, width) if x.shape[2] != height else x
 
 
 def joint_images(rng, x, fraction: float):
@@ -110,9 +147,11 @@ def joint_images(rng, x, fraction: float):
 
 
 def stage_cond(model: VideoStage, batch, rng, cfg, *, train: bool, text_encoder=None,
-               is_image=None):
+               is_image=None, x=None):
   """Text (with conditioning dropout in training), the frame rate (nets built with
-  fps_cond; 0 for image examples, which have none) and the image flags of joint training."""
+  fps_cond; 0 for image examples, which have none), the image flags of joint training and,
+  for SR stages, the low-resolution clip of x (default: the batch's clips at this stage)
+  noise-augmented (t_aug ~ U[0, max_aug_level) in training, sample_aug_level otherwise)."""
   emb, mask = text_conditioning.text_embeddings(batch, text_encoder)
   cond = {"text_emb": emb, "text_mask": mask}
   if train and cfg.p_uncond > 0:
@@ -122,6 +161,13 @@ def stage_cond(model: VideoStage, batch, rng, cfg, *, train: bool, text_encoder=
     cond["is_image"] = is_image
     if "fps" in cond:
       cond["fps"] = jnp.where(is_image, 0.0, cond["fps"])
+  if model.is_super_resolution:
+    k_aug, k_level = jax.random.split(jax.random.fold_in(rng, 1))
+    x = stage_videos(model, batch) if x is None else x
+    t_aug = (noise_augmentation.sample_levels(k_level, x.shape[0], cfg.max_aug_level) if train
+             else jnp.full((x.shape[0],), cfg.sample_aug_level))
+    cond.update(video_sr.augment(model, video_sr.training_input(model, x, is_image), k_aug,
+                                 t_aug))
   return cond
 
 
@@ -136,7 +182,7 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
     if cfg.joint_image_fraction > 0:
       x, is_image = joint_images(k_joint, x, cfg.joint_image_fraction)
     cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
-                      is_image=is_image)
+                      is_image=is_image, x=x)
     loss = denoising_loss(model, x, cond, (k_t, k_eps, k_drop), cfg)
     return loss, {"loss": loss}
 
