@@ -1,4 +1,5 @@
-r"""Text-to-image with a trained cascade: base stage, then each super-resolution stage.
+r"""Text-to-image (or text-to-video) with a trained cascade: base stage, then each
+super-resolution stage.
 
   python -m launch.sample_cascade --stages runs/imagen_base,runs/imagen_sr \
       --prompts "a handwritten digit seven,the number 3" --num_per_prompt 4 \
@@ -7,8 +8,11 @@ r"""Text-to-image with a trained cascade: base stage, then each super-resolution
 
 Each stage is a training workdir (its saved config rebuilds the model; EMA params). Prompts
 are encoded once, with the text encoder named by the base stage's config (data.t5: the same
-encoder its text cache was made with), and every stage's images are written as a PNG grid.
-Per-stage options take one value per stage, or one value for all.
+encoder its text cache was made with), and every stage's images are written as a PNG grid;
+a video stage's clips (Imagen Video's base, temporal and spatial SR stages) as an animated
+GIF, an MP4 (both a grid of the clips playing in step, at the stage's model.fps when its
+config sets one, else 8 fps) and a PNG filmstrip (one row per clip), named
+stageI_FxHxW.{gif,mp4,png}. Per-stage options take one value per stage, or one value for all.
 
 Earlier outputs are never overwritten silently: without --out, a run whose default folder
 (the last stage's workdir/cascade) already holds images writes to cascade_1, cascade_2, ...
@@ -21,7 +25,7 @@ elsewhere would surprise them, and replacing its files would lose the earlier ru
 import numpy as np
 from absl import flags
 
-from launch import cascade, distributed, images
+from launch import cascade, distributed, images, videos
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs
 from launch import metric_writer
@@ -85,12 +89,26 @@ def main(argv):
       threshold=_THRESHOLD.value, seed=_SEED.value)
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
-      levels = setup.source.num_levels
-      path = fs.join(out_dir, f"stage{i}_{x.shape[1]}x{x.shape[2]}.png")
-      images.write_grid(path, np.asarray(losses.x_to_int(x, levels)), levels,
-                        columns=_NUM.value)
-      print(path)
+      fps = int(round(setup.config.model.get("fps", 0) or 0)) or 8
+      for path in write_stage(out_dir, i, x, setup.source.num_levels, columns=_NUM.value,
+                              fps=fps):
+        print(path)
     fs.write_atomic(fs.join(out_dir, "prompts.txt"), "\n".join(prompts) + "\n")
+
+
+def write_stage(out_dir, i: int, x, num_levels: int, *, columns: int, fps: int = 8) -> list:
+  """Writes stage i's samples x in [-1, 1]: images [N, H, W, C] as stageI_HxW.png (a grid of
+  `columns` per row); clips [N, F, H, W, C] as stageI_FxHxW.gif / .mp4 (the grid playing
+  at `fps`) and .png (a filmstrip). Returns the paths."""
+  ints = np.asarray(losses.x_to_int(x, num_levels))
+  name = f"stage{i}_" + "x".join(map(str, ints.shape[1:-1]))
+  if ints.ndim == 4:
+    return [images.write_grid(fs.join(out_dir, f"{name}.png"), ints, num_levels,
+                              columns=columns)]
+  written = videos.write_videos(out_dir, name, ints, num_levels, fps=fps, columns=columns)
+  strip = videos.filmstrip(ints, num_levels, scale=videos.default_scale(ints))
+  return [written["gif"], written["mp4"],
+          images.write_png(fs.join(out_dir, f"{name}.png"), strip)]
 
 
 def run():
