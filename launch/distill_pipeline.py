@@ -18,6 +18,7 @@ from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distributed, fs, images, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
+from launch.families import distill as distill_family
 
 
 # --------------------------------------------------------------------------------- stages
@@ -57,7 +58,7 @@ def stage_config(teacher_config, dcfg, stage: dict, teacher_dir: str, original_t
                       else d.train_steps, eval_every=0, sample_every=0))
   c.eval.sample_steps = stage["steps"]
   c.model.guidance_embedding = teacher_w or d.guided
-  if base_family == "imagen" and not c.data.text_cache:
+  if base_family in distill_family.TEXT_FAMILIES and not c.data.text_cache:
     c.data.text_cache = fs.join(original_teacher, "text_cache")  # encoded once
   c.distill = dict(
       kind=stage["kind"], base_family=base_family, teacher=teacher_dir,
@@ -106,7 +107,7 @@ def seed_student(config, workdir: str, devices=None):
 
 def _conditional(config) -> bool:
   base = config.distill.base_family if config.family == "distill" else config.family
-  return base == "imagen" or bool(config.model.num_classes)
+  return base in distill_family.TEXT_FAMILIES or bool(config.model.get("num_classes"))
 
 
 def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weights: str = ""):
@@ -164,7 +165,7 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
   sample_seconds = time.perf_counter() - start
   png = fs.join(workdir, f"samples_{stage['steps']}steps.png")
   if distributed.is_main_process():
-    images.write_grid(png, samples, setup.source.num_levels)
+    workdir_lib.write_samples(setup, samples, png)   # a grid; clips: also GIF and MP4
   row = {"stage": stage["dir"], "kind": stage["kind"], "student_steps": stage["steps"],
          "train_steps": int(jax.device_get(state["step"])), "train_seconds": round(train_seconds, 1),
          "sample_seconds": round(sample_seconds, 2), "samples_png": png,

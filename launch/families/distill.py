@@ -10,6 +10,10 @@ compiled step as a sharded argument. The loss and sampling are `distill/experime
 from distill import experiment
 from launch.families.base import Family
 
+# Teachers conditioned on T5 text (an Imagen stage, a video stage): their students read the
+# teacher's text cache.
+TEXT_FAMILIES = ("imagen", "video")
+
 
 def _check(config):
   if config.optim.weight_decay:
@@ -37,10 +41,10 @@ def make_family(bases: dict) -> Family:
                              num_steps=num_steps)
 
   def frozen_init(config, load_ema_model):
-    """The teacher's EMA model (an Imagen teacher reads the text cache, not T5)."""
+    """The teacher's EMA model (a text-conditioned teacher reads the text cache, not T5)."""
     d = config.distill
-    if d.base_family == "imagen" and config.data.text_source != "cache":
-      raise ValueError("distilling an Imagen stage needs cached text embeddings: set "
+    if d.base_family in TEXT_FAMILIES and config.data.text_source != "cache":
+      raise ValueError(f"distilling a {d.base_family} stage needs cached text embeddings: set "
                        "--config.data.text_source=cache (the teacher's text_cache is reused)")
     return load_ema_model(d.teacher, d.teacher_step or None)[0]
 
