@@ -270,6 +270,10 @@ def main(argv=None):
                 step_ms_min=1e3 * min(times), images_per_s=batch_size / mean_s)
   line = (f"step: {1e3 * mean_s:.1f} ms mean, {1e3 * median_s:.1f} median, "
           f"{1e3 * min(times):.1f} min over {args.steps}; {batch_size / mean_s:.1f} images/s")
+  if hasattr(setup.source, "video_shape"):   # a video stage: examples are clips
+    frames = config.model.num_frames
+    result["frames_per_s"] = batch_size * frames / mean_s
+    line += f" (clips; {result['frames_per_s']:.1f} frames/s)"
   use = flops_lib.utilization(flops, 1 / mean_s, peak_tflops and peak_tflops * 1e12)
   if use:
     result["achieved_tflops_per_device"] = use["tflops_per_device"]
