@@ -78,7 +78,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm.nets import layers, sharding, stack
-from vdm.nets.sharding import IMAGE
 from vdm.nets.unet import logsnr_to_time
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)  # Imagen appendix B.1
@@ -197,7 +196,7 @@ class Level(nnx.Module):
     if self.attn is not None:
       h = self.attn(h)
     if self.cross is not None:
-      h = sharding.constrain(self.cross(h, *text), IMAGE)
+      h = sharding.constrain(self.cross(h, *text), sharding.IMAGE)
     return h
 
 
@@ -227,7 +226,7 @@ class UpLevel(Level):
 
   def __call__(self, h, skip, emb, text, dropout_key=None):
     if skip is not None:
-      h = sharding.constrain(jnp.concatenate([h, skip], axis=-1), IMAGE)
+      h = sharding.constrain(jnp.concatenate([h, skip], axis=-1), sharding.IMAGE)
     h = self.body(h, emb, text, dropout_key)
     return h if self.upsample is None else self.upsample(h)
 
@@ -439,8 +438,7 @@ class EfficientUNet(nnx.Module):
     text = self.text_tokens(cond, z.shape[0]) if self.text_dim is not None else None
     emb = self.embedding(logsnr, cond, text)
     keys = layers.split_key(dropout_key, 2 * self.levels)
-
-    h = sharding.constrain(self.conv_in(h.astype(self.dtype)), IMAGE)
+    h = sharding.constrain(self.conv_in(h.astype(self.dtype)), sharding.IMAGE)
     skips = []
     for level, key in zip(self.down, keys[:self.levels]):
       h = level(h, emb, text, key)
@@ -448,5 +446,5 @@ class EfficientUNet(nnx.Module):
     skips[-1] = None  # the lowest level continues without a skip
     for level, key, skip in zip(self.up, keys[self.levels:], reversed(skips)):
       h = level(h, skip, emb, text, key)
-    out = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
-    return sharding.constrain(out, IMAGE)
+    h = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
+    return sharding.constrain(h, sharding.IMAGE)

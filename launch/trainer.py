@@ -34,7 +34,8 @@ def trace_step(setup: setup_lib.Setup, example_batch: dict) -> jax.stages.Traced
   step = train_state.make_train_step(
       lambda p, b, r, *f: setup.family.loss_and_grads(setup.graphdef, p, b, r, config,
                                                       *setup_lib.frozen_modules(setup, *f)),
-      setup.tx, ema_decay=config.optim.ema_decay, grad_accum=config.train.grad_accum)
+      setup.tx, ema_decay=config.optim.ema_decay, grad_accum=config.train.grad_accum,
+      param_shardings=setup.state_shardings["params"])
   b_sh = setup_lib.batch_shardings(setup, example_batch)
   f_sh = (setup.frozen[2],) if setup.frozen else ()
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, b_sh) + f_sh,
