@@ -12,8 +12,9 @@ import logging
 
 import jax
 import numpy as np
+from flax import nnx
 
-from imagen import cascade
+from imagen import cascade, video_experiment
 from launch import config_flags, fs
 from launch import mesh as mesh_lib
 from launch import text_encoder as text_encoder_lib
@@ -79,3 +80,16 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
                        [setup for setup, _, _ in loaded],
                        [state["ema"] for _, state, _ in loaded], text_cond,
                        out.compile_seconds, out.sample_seconds)
+
+
+def extend_clips(result: CascadeResult, clips, *, total_frames: int, num_known: int,
+                 num_steps: int, guidance_w: float, w_r: float, sampler: str, threshold: str,
+                 seed: int) -> np.ndarray:
+  """The last stage's clips [N, F, ...] in [-1, 1] continued to `total_frames` by
+  reconstruction guidance (imagen.video_experiment.extend), with the prompts' text."""
+  setup, params = result.setups[-1], result.params[-1]
+  fn = jax.jit(lambda p, x, c, rng: video_experiment.extend(
+      nnx.merge(setup.graphdef, p), x, rng, c, total_frames=total_frames,
+      num_known=num_known, num_steps=num_steps, guidance_w=guidance_w, w_r=w_r,
+      sampler=sampler, threshold=threshold))
+  return np.asarray(jax.device_get(fn(params, clips, result.text_cond, jax.random.key(seed))))

@@ -20,15 +20,12 @@ frames so far, guided toward them with weight --w_r (0: the replacement method, 
 paper shows loses coherence), and keeps its new frames; written as extended.gif/.mp4/.png.
 """
 
-import jax
 import numpy as np
 from absl import flags
-from flax import nnx
 
 from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs, images, metric_writer, videos
-from imagen import video_experiment
 from vdm import losses
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
@@ -95,19 +92,17 @@ def main(argv):
 
 def extend(result, clips):
   """The sampled clips extended to --extend_to frames (module docstring)."""
-  setup, params = result.setups[-1], result.params[-1]
   frames = clips.shape[1]
   num_known = _NUM_KNOWN.value or frames // 2
   if _EXTEND_TO.value <= frames or not 1 <= num_known < frames:
     raise config_flags.InputError(
         f"--extend_to {_EXTEND_TO.value} must exceed the clip length {frames}, and "
         f"--num_known {num_known} must be between 1 and {frames - 1}")
-  fn = jax.jit(lambda p, x, c, rng: video_experiment.extend(
-      nnx.merge(setup.graphdef, p), x, rng, c, total_frames=_EXTEND_TO.value,
-      num_known=num_known, num_steps=_STEPS.value, guidance_w=_GUIDANCE.value, w_r=_W_R.value,
-      sampler=_SAMPLER.value, threshold=_THRESHOLD.value))
-  return np.asarray(jax.device_get(fn(params, clips, result.text_cond,
-                                      jax.random.key(_SEED.value + 1))))
+  return cascade.extend_clips(result, clips, total_frames=_EXTEND_TO.value,
+                              num_known=num_known, num_steps=_STEPS.value,
+                              guidance_w=_GUIDANCE.value, w_r=_W_R.value,
+                              sampler=_SAMPLER.value, threshold=_THRESHOLD.value,
+                              seed=_SEED.value + 1)
 
 
 def run():
