@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from imagen import cascade, video_experiment
+from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs
 from launch import mesh as mesh_lib
 from launch import text_encoder as text_encoder_lib
@@ -38,6 +39,19 @@ def read_prompts(prompts, prompts_file) -> list[str]:
     raise config_flags.InputError("no prompts: pass --prompts 'a prompt,another prompt' or "
                                   "--prompts_file with one prompt per line.")
   return prompts
+
+
+def video_stage_config(workdir: str, command: str):
+  """The config saved in a video stage's workdir (read before anything is sampled); a clear
+  error for a run of another family."""
+  with checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as ckpt:
+    config = ckpt.restore_config()
+  if config.family != "video":
+    raise config_flags.InputError(
+        f"{workdir} is a {config.family!r} run; {command} takes video stages (family "
+        "'video'); sample image runs with python -m launch.sample (VDM, distilled students) "
+        "or python -m launch.sample_cascade --stages ... (Imagen stages)")
+  return config
 
 
 def per_stage(values, n, name, cast):

@@ -27,6 +27,7 @@ import numpy as np
 from absl import flags
 
 from evaluation import video as video_eval
+from imagen import video_experiment
 from launch import cascade, distributed, families, fs, metric_writer, videos
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags
@@ -52,20 +53,17 @@ flags.register_validator("num", lambda n: n >= 2, "--num is the number of clips 
 def eval_clips(workdir: str, num: int):
   """(captions, integer clips [N, F, H, W, C], num_levels) of the first `num` examples of
   the stage's eval split, at the stage's frame count and resolution."""
-  with checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as ckpt:
-    config = ckpt.restore_config()
-  if config.family != "video":
-    raise config_flags.InputError(f"{workdir} is a {config.family!r} run; launch.evaluate_video "
-                                  "scores video stages (family 'video').")
+  config = cascade.video_stage_config(workdir, "launch.evaluate_video")
   source = families.get_family("video").get_source(config, config.data.eval_split)
   examples = [source[i] for i in range(min(num, len(source)))]
   clips = np.stack([e["video"] for e in examples]).astype(np.int32)
   m = config.model
   clips = clips[:, ::clips.shape[1] // m.num_frames]
-  if clips.shape[2] != m.resolution:
-    raise config_flags.InputError(f"the stage samples {m.resolution}x{m.resolution} frames "
-                                  f"but its data has {clips.shape[2]}x{clips.shape[3]}: the "
-                                  "measures need clips at the data's size")
+  height, width = video_experiment.frame_size(m)
+  if tuple(clips.shape[2:4]) != (height, width):
+    raise config_flags.InputError(f"the stage samples {height}x{width} frames but its data "
+                                  f"has {clips.shape[2]}x{clips.shape[3]}: the measures need "
+                                  "clips at the data's size")
   return [e["caption"] for e in examples], clips, source.num_levels
 
 

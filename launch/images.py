@@ -33,11 +33,16 @@ def make_grid(images: np.ndarray, num_levels: int, *, columns: int | None = None
   return grid
 
 
+def default_scale(height: int) -> int:
+  """Nearest-neighbour enlargement of cells `height` pixels high to about 64 px."""
+  return max(1, 64 // height)
+
+
 def write_grid(path, images, num_levels: int, *, columns: int | None = None,
                scale: int | None = None) -> str:
   """Writes a PNG grid; small images are enlarged (nearest) to about 64 px per cell."""
   images = np.asarray(images)
-  scale = scale or max(1, 64 // images.shape[1])
+  scale = scale or default_scale(images.shape[1])
   return write_png(path, make_grid(images, num_levels, columns=columns, scale=scale))
 
 

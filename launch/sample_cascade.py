@@ -105,10 +105,7 @@ def write_stage(out_dir, i: int, x, num_levels: int, *, columns: int, fps: int =
   if ints.ndim == 4:
     return [images.write_grid(fs.join(out_dir, f"{name}.png"), ints, num_levels,
                               columns=columns)]
-  written = videos.write_videos(out_dir, name, ints, num_levels, fps=fps, columns=columns)
-  strip = videos.filmstrip(ints, num_levels, scale=videos.default_scale(ints))
-  return [written["gif"], written["mp4"],
-          images.write_png(fs.join(out_dir, f"{name}.png"), strip)]
+  return videos.write_clips(out_dir, name, ints, num_levels, fps=fps, columns=columns)
 
 
 def run():

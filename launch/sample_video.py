@@ -25,7 +25,7 @@ from absl import flags
 
 from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, fs, images, metric_writer, videos
+from launch import config_flags, fs, metric_writer, videos
 from vdm import losses
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
@@ -65,15 +65,12 @@ def main(argv):
                                       chosen=_OUT.value is not None,
                                       overwrite=_OVERWRITE.value)
   distributed.initialize()
+  cascade.video_stage_config(_WORKDIR.value, "launch.sample_video")   # before any sampling
   result = cascade.run_cascade(
       [_WORKDIR.value], prompts, num_per_prompt=_NUM.value, steps=[_STEPS.value],
       guidance=[_GUIDANCE.value], samplers_=[_SAMPLER.value], aug_levels=[0.0],
       threshold=_THRESHOLD.value, seed=_SEED.value)
   clips = result.images[-1]
-  if clips.ndim != 5:
-    raise config_flags.InputError(f"{_WORKDIR.value} is an image stage (family "
-                                  f"{result.configs[-1].family!r}); sample it with "
-                                  "python -m launch.sample_cascade --stages ...")
   outputs = {"videos": clips}
   if _EXTEND_TO.value:
     outputs["extended"] = extend(result, clips)
@@ -81,11 +78,8 @@ def main(argv):
     levels = result.setups[-1].source.num_levels
     for name, x in outputs.items():
       x = np.asarray(losses.x_to_int(x, levels))
-      written = videos.write_videos(out_dir, name, x, levels, fps=_FPS.value,
-                                    columns=_NUM.value)
-      strip = videos.filmstrip(x, levels, scale=videos.default_scale(x))
-      written["png"] = images.write_png(fs.join(out_dir, f"{name}.png"), strip)
-      for path in written.values():
+      for path in videos.write_clips(out_dir, name, x, levels, fps=_FPS.value,
+                                     columns=_NUM.value):
         print(path)
     fs.write_atomic(fs.join(out_dir, "prompts.txt"), "\n".join(prompts) + "\n")
 

@@ -41,7 +41,7 @@ def _check_videos(videos) -> np.ndarray:
 
 def default_scale(videos) -> int:
   """Nearest-neighbour enlargement to about 64 px per cell (as images.write_grid)."""
-  return max(1, 64 // np.asarray(videos).shape[2])
+  return images_lib.default_scale(np.asarray(videos).shape[2])
 
 
 def frame_grids(videos, num_levels: int, *, columns: int | None = None,
@@ -119,6 +119,16 @@ def write_videos(directory, name: str, videos, num_levels: int, *, fps: int = 8,
   mp4 = write_mp4(fs.join(directory, f"{name}.mp4"), videos, num_levels, fps=fps,
                   columns=columns)
   return {"gif": gif, "mp4": mp4}
+
+
+def write_clips(directory, name: str, videos, num_levels: int, *, fps: int = 8,
+                columns: int | None = None) -> list[str]:
+  """Writes `name`.gif, `name`.mp4 (the grid playing) and `name`.png (a filmstrip: one row
+  per video, its frames left to right) under `directory`; returns the three paths."""
+  written = write_videos(directory, name, videos, num_levels, fps=fps, columns=columns)
+  strip = filmstrip(videos, num_levels, scale=default_scale(videos))
+  return [written["gif"], written["mp4"],
+          images_lib.write_png(fs.join(directory, f"{name}.png"), strip)]
 
 
 def first_frames(videos, num_levels: int, *, columns: int | None = None,

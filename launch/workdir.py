@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed, families, images, mesh as mesh_lib, videos
+from launch import config_flags, distributed, families, fs, images, mesh as mesh_lib, videos
 from launch import setup as setup_lib
 from launch.data import pipeline
 from vdm import likelihood
@@ -149,10 +149,8 @@ def write_samples(setup: setup_lib.Setup, samples, path: str) -> list[str]:
     return []
   levels = setup.source.num_levels
   if np.ndim(samples) == 5:
-    stem = path[:-len(".png")] if path.endswith(".png") else path
-    written = list(videos.write_videos(*stem.rpartition("/")[::2], samples, levels).values())
-    scale = videos.default_scale(samples)
-    written.append(images.write_png(path, videos.filmstrip(samples, levels, scale=scale)))
+    p = fs.path(path)
+    written = videos.write_clips(p.parent, p.name.removesuffix(".png"), samples, levels)
   else:
     written = [images.write_grid(path, samples, levels)]
   logging.info("Wrote %s", ", ".join(written))
@@ -164,4 +162,5 @@ def preview(samples, num_levels: int) -> np.ndarray:
   video's first frame."""
   if np.ndim(samples) == 5:
     return videos.first_frames(samples, num_levels, scale=videos.default_scale(samples))
-  return images.make_grid(samples, num_levels, scale=max(1, 64 // np.shape(samples)[1]))
+  return images.make_grid(samples, num_levels,
+                          scale=images.default_scale(np.shape(samples)[1]))
