@@ -283,6 +283,19 @@ def video_frechet_distance(videos_a, videos_b, classifier: dc.DigitsClassifier |
   return frechet.frechet_distance(feats_a, feats_b)
 
 
+def at_reference_scale(videos, reference):
+  """(videos enlarged to the reference's frame size by pixel repetition, the reference at the
+  videos' frame times, every k-th frame): how a cascade stage with fewer frames or pixels is
+  compared with the data, since the digits classifier reads digits at the data's scale."""
+  f, h, w = videos.shape[1:4]
+  frames, height, width = reference.shape[1:4]
+  if frames % f or height % h or width % w:
+    raise ValueError(f"clips of {f}x{h}x{w} (frames x height x width) do not divide the "
+                     f"reference's {frames}x{height}x{width}")
+  big = np.repeat(np.repeat(videos, height // h, axis=2), width // w, axis=3)
+  return big, reference[:, ::frames // f]
+
+
 def video_report(videos, prompts=None, reference=None, num_levels: int = dc.NUM_LEVELS) -> dict:
   """{"alignment", "direction_accuracy", "consistency", "fd"}: the first two need `prompts`
   (captions naming a digit and a direction), "fd" needs `reference` (real videos)."""

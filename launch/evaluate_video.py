@@ -1,8 +1,10 @@
-r"""Video measures of a trained moving-digits video stage, swept over the guidance weight.
+r"""Video measures of a trained moving-digits video stage or cascade, swept over guidance.
 
   python -m launch.evaluate_video --workdir runs/video --guidance 0,1,3 \
       [--num 297] [--steps 64] [--sampler ddim] [--seed 0] [--gif_dir DIR]
       [--extend_to 16 --w_r 0,2 [--num_known 4]]
+  python -m launch.evaluate_video --stages runs/vbase,runs/vtsr,runs/vssr --guidance 0,1,3 \
+      [--steps 32,32,32] [--aug_level 0,0.1,0.1] [--aug_sweep 0,0.1,0.2,0.4]
 
 The prompts are the captions of the first --num clips of the stage's eval split (the test
 digits, "the digit 3 moving left" in its several phrasings), one sampled clip per caption at
@@ -19,6 +21,15 @@ sampler approaches. Rows are printed as JSON and appended to WORKDIR/video_eval.
 longer clips: alignment, direction and consistency over all N frames (no FD: the real clips
 are shorter). Ho et al. (sec. 3.1) report that replacement loses coherence with the given
 frames; here that shows as lower consistency and direction accuracy.
+
+--stages scores a cascade (launch.cascade.run_cascade, guidance w on the base stage, the SR
+stages unguided, each SR input augmented to --aug_level or to each level of --aug_sweep):
+every stage's output is measured, the prompts and the real clips coming from the LAST
+stage's eval split. A stage with fewer frames is compared with the real clips at its frame
+times (every k-th data frame, as the stages subsample), and a smaller stage is enlarged to
+the last stage's size by pixel repetition first, since the digits classifier reads digits at
+the data's scale (as launch.evaluate_cascade scores the image base stage). Columns are
+prefixed stage0_, stage1_, ...; rows are appended to the last stage's video_eval.jsonl.
 """
 
 import json
@@ -33,12 +44,16 @@ from launch import checkpoint as checkpoint_lib
 from launch import config_flags
 from vdm import losses
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.")
+_STAGES = flags.DEFINE_list("stages", None, "Or a video cascade: stage workdirs, base first.")
+_AUG = flags.DEFINE_list("aug_level", ["0.0"], "--stages: SR augmentation level per stage.")
+_AUG_SWEEP = flags.DEFINE_list("aug_sweep", None, "--stages: sweep every SR stage's "
+                               "augmentation level over these values (overrides --aug_level).")
 _GUIDANCE = flags.DEFINE_list("guidance", ["0", "1", "3"], "Guidance weights to sweep.")
 _NUM = flags.DEFINE_integer("num", 297, "Clips per weight (the first captions of the eval "
                             "split; 297 = the whole moving-digits test split).")
-_STEPS = flags.DEFINE_integer("steps", 64, "Sampling steps.")
+_STEPS = flags.DEFINE_list("steps", ["64"], "Sampling steps (--stages: one per stage, or one "
+                           "for all).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ancestral"], "Sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _GIF_DIR = flags.DEFINE_string("gif_dir", None, "Write the first 16 clips per weight here.")
@@ -46,6 +61,9 @@ _EXTEND_TO = flags.DEFINE_integer("extend_to", 0, "Also extend the clips to this
 _W_R = flags.DEFINE_list("w_r", ["0", "2"], "Reconstruction guidance weights of the extension.")
 _NUM_KNOWN = flags.DEFINE_integer("num_known", None, "Frames each extension window is "
                                   "conditioned on (default: half the clip length).")
+flags.register_validator("stages", lambda s: s is None or len(s) >= 1,
+                         "--stages lists stage workdirs, base first.")
+flags.mark_flags_as_mutual_exclusive(["workdir", "stages"], required=True)
 flags.register_validator("num", lambda n: n >= 2, "--num is the number of clips per weight; "
                          "a Frechet distance needs at least 2: pass e.g. --num 297.")
 
@@ -67,26 +85,26 @@ def eval_clips(workdir: str, num: int):
   return [e["caption"] for e in examples], clips, source.num_levels
 
 
-def main(argv):
-  del argv
-  metric_writer.setup_logging()
+def _numbers(values, flag, cast=float):
   try:
-    weights = [float(w) for w in _GUIDANCE.value]
+    return [cast(v) for v in values]
   except ValueError:
-    raise config_flags.InputError(f"--guidance takes numbers, got {_GUIDANCE.value}") from None
-  checkpoint_lib.require_checkpoint(_WORKDIR.value)
-  distributed.initialize()
-  prompts, real, levels = eval_clips(_WORKDIR.value, _NUM.value)
+    raise config_flags.InputError(f"--{flag} takes numbers, got {values}") from None
+
+
+def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
+  """The rows of one stage: the real clips, then each weight (and its extensions)."""
+  prompts, real, levels = eval_clips(workdir, _NUM.value)
   rows = [{"guidance_w": None, "num_videos": len(real),
            **video_eval.video_report(real, prompts, num_levels=levels)}]
   print(json.dumps(rows[0]))
   for w in weights:
-    result = cascade.run_cascade([_WORKDIR.value], prompts, num_per_prompt=1,
-                                 steps=[_STEPS.value], guidance=[w], samplers_=[_SAMPLER.value],
+    result = cascade.run_cascade([workdir], prompts, num_per_prompt=1,
+                                 steps=[num_steps], guidance=[w], samplers_=[_SAMPLER.value],
                                  aug_levels=[0.0], threshold="dynamic", seed=_SEED.value)
     clips = np.asarray(losses.x_to_int(result.images[-1], levels))
     # FD against the real clips of the same captions: equal N, the same for every weight.
-    row = {"guidance_w": w, "num_videos": len(clips), "steps": _STEPS.value,
+    row = {"guidance_w": w, "num_videos": len(clips), "steps": num_steps,
            "sample_seconds": result.sample_seconds[-1],
            **video_eval.video_report(clips, prompts, reference=real, num_levels=levels)}
     print(json.dumps(row))
@@ -94,7 +112,7 @@ def main(argv):
     for w_r in ([float(v) for v in _W_R.value] if _EXTEND_TO.value else []):
       longer = cascade.extend_clips(
           result, result.images[-1], total_frames=_EXTEND_TO.value,
-          num_known=_NUM_KNOWN.value or clips.shape[1] // 2, num_steps=_STEPS.value,
+          num_known=_NUM_KNOWN.value or clips.shape[1] // 2, num_steps=num_steps,
           guidance_w=w, w_r=w_r, sampler=_SAMPLER.value, threshold="dynamic",
           seed=_SEED.value + 1)
       longer = np.asarray(losses.x_to_int(longer, levels))
@@ -102,12 +120,70 @@ def main(argv):
              **video_eval.video_report(longer, prompts, num_levels=levels)}
       print(json.dumps(row))
       rows.append(row)
-    if _GIF_DIR.value and distributed.is_main_process():
-      videos.write_gif(fs.join(_GIF_DIR.value, f"samples_w{w:g}.gif"), clips[:16], levels,
-                       columns=4)
+    _write_gif(clips, levels, f"samples_w{w:g}.gif")
+  return rows
+
+
+def evaluate_stages(stages, weights, steps, aug_settings) -> list[dict]:
+  """The rows of a cascade: per weight and SR augmentation setting, every stage's measures."""
+  prompts, real, levels = eval_clips(stages[-1], _NUM.value)
+  n = len(stages)
+  rows = []
+  for w, aug_levels in [(v, a) for v in weights for a in aug_settings]:
+    result = cascade.run_cascade(stages, prompts, num_per_prompt=1, steps=steps,
+                                 guidance=[w] + [0.0] * (n - 1), samplers_=[_SAMPLER.value] * n,
+                                 aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value)
+    row = {"guidance_w": w, "aug_levels": aug_levels, "steps": steps,
+           "num_videos": len(prompts), "sample_seconds": result.sample_seconds}
+    for i, x in enumerate(result.images):
+      try:
+        clips, reference = video_eval.at_reference_scale(np.asarray(losses.x_to_int(x, levels)),
+                                                         real)
+      except ValueError as e:
+        raise config_flags.InputError(f"{e}: --stages must be one cascade (base first) over "
+                                      "the same data") from None
+      report = video_eval.video_report(clips, prompts, reference=reference, num_levels=levels)
+      row.update({f"stage{i}_{k}": v for k, v in report.items()})
+    print(json.dumps(row))
+    rows.append(row)
+    _write_gif(np.asarray(losses.x_to_int(result.images[-1], levels)), levels,
+               f"cascade_w{w:g}_aug{aug_levels[-1]:g}.gif")
+  return rows
+
+
+def _write_gif(clips, levels, name):
+  if _GIF_DIR.value and distributed.is_main_process():
+    videos.write_gif(fs.join(_GIF_DIR.value, name), clips[:16], levels, columns=4)
+
+
+def main(argv):
+  del argv
+  metric_writer.setup_logging()
+  weights = _numbers(_GUIDANCE.value, "guidance")
+  stages = _STAGES.value or [_WORKDIR.value]
+  try:
+    steps = cascade.per_stage(_STEPS.value, len(stages), "steps", int)
+    aug_settings = ([[0.0] + [float(a)] * (len(stages) - 1) for a in _AUG_SWEEP.value]
+                    if _AUG_SWEEP.value else
+                    [cascade.per_stage(_AUG.value, len(stages), "aug_level", float)])
+  except ValueError as e:
+    raise config_flags.InputError(
+        f"{e}. --steps takes whole numbers, --aug_level and --aug_sweep numbers; per-stage "
+        "flags take one value per stage or one for all.") from None
+  for stage in stages:
+    checkpoint_lib.require_checkpoint(stage, flag="--stages entry" if _STAGES.value else
+                                      "--workdir")
+  distributed.initialize()
+  if _STAGES.value:
+    if _EXTEND_TO.value:
+      raise config_flags.InputError("--extend_to extends one stage's clips: use it with "
+                                    "--workdir, not --stages")
+    rows = evaluate_stages(stages, weights, steps, aug_settings)
+  else:
+    rows = evaluate_stage(stages[0], weights, steps[0])
   if distributed.is_main_process():
     for row in rows:
-      fs.append_line(fs.join(_WORKDIR.value, "video_eval.jsonl"), json.dumps(row))
+      fs.append_line(fs.join(stages[-1], "video_eval.jsonl"), json.dumps(row))
 
 
 def run():

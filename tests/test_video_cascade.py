@@ -281,3 +281,18 @@ def test_sample_cascade_writes_clip_stages_as_gif_mp4_and_filmstrip(tmp_path):
   assert strip.shape == ((2 * 5 + 1) * 16, (3 * 5 + 1) * 16)   # 2 rows of 3 frames, 64 px
   images = sample_cascade.write_stage(str(tmp_path), 0, clips[:, 0], 17, columns=2)
   assert [p.rsplit("/", 1)[1] for p in images] == ["stage0_4x4.png"]
+
+
+def test_video_measures_score_a_cascade_stage_at_the_data_scale_and_frame_times():
+  """A base stage's 2x2 clip of 2 frames is compared with the real 4-frame 4x4 clips at
+  frames 0 and 2, enlarged by pixel repetition; shapes that do not divide are refused."""
+  from evaluation import video as video_eval
+  clips = np.arange(8).reshape(1, 2, 2, 2, 1)
+  real = np.arange(64).reshape(1, 4, 4, 4, 1)
+  big, reference = video_eval.at_reference_scale(clips, real)
+  expected = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+  np.testing.assert_array_equal(big[0, 0, ..., 0], expected)
+  np.testing.assert_array_equal(big[0, 1, ..., 0], expected + 4)
+  np.testing.assert_array_equal(reference, real[:, [0, 2]])
+  with pytest.raises(ValueError, match="do not divide"):
+    video_eval.at_reference_scale(np.zeros((1, 3, 2, 2, 1)), real)
