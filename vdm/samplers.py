@@ -1,23 +1,23 @@
-"""Samplers for any denoiser: DDIM (deterministic or stochastic) and VDM ancestral sampling.
+"""Samplers for any denoiser: DDIM (deterministic or stochastic), VDM ancestral sampling,
+EDM's Heun sampler, DPM-Solver++(2M) and predictor-corrector sampling (the last three and
+the step rules live in vdm/solvers.py; `sample` is the one entry point for all of them).
 
 Interfaces (shared with guidance, distillation and the cascade):
 - `denoise_fn(z, logsnr, cond) -> process.Prediction`, with `logsnr` of shape [B] and `cond`
-  an arbitrary pytree passed through untouched (may be None).
+  an arbitrary pytree passed through untouched (may be None). With `self_condition=True`,
+  cond (None or a dict) also carries the latest x-hat under cond["x_self"]
+  (vdm/self_conditioning.py; zeros before the first evaluation).
 - `logsnr_fn(t) -> logsnr`: a pure, strictly decreasing function of t in [0, 1] (t=0 data,
   t=1 noise), finite on the whole interval. It is called with t of shape [B]. Learned
   schedules are passed as closures over their parameters.
 - `clip_x(x_hat) -> x_hat`: a post-processing hook on x-hat (`no_clip`, `static_clip(lo, hi)`,
   `dynamic_threshold(p)`; `clip_hook(name)` picks one by config name). eps-hat and v-hat are
-  then recomputed from the clipped x-hat and z_t (`process.from_x`), so every step sees a self-consistent prediction.
+  then recomputed from the clipped x-hat and z_t (`process.from_x`), so every step sees a
+  self-consistent prediction.
 
 Notation (shared/DESIGN.md): z_t = alpha_t x + sigma_t eps, alpha^2 = sigmoid(logsnr),
 sigma^2 = sigmoid(-logsnr). A step goes from time t to an earlier time s < t
-(logsnr_s > logsnr_t). Both step rules are built from one quantity,
-
-  c = 1 - exp(logsnr_t - logsnr_s) = -expm1(logsnr_t - logsnr_s)  in [0, 1),
-
-which is the fraction of sigma_s^2 that the true posterior q(z_s | z_t, x) keeps as variance:
-Var[z_s | z_t, x] = sigma_s^2 * c (VDM, Kingma et al. 2021, appendix A).
+(logsnr_s > logsnr_t).
 """
 
 from typing import Any, Callable
@@ -25,9 +25,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from vdm import process
+from vdm import process, self_conditioning, solvers
+from vdm.solvers import SolverOptions, ancestral_step, ddim_step  # noqa: F401 (public API)
 
-SAMPLERS = ("ddim", "ancestral")
+SAMPLERS = ("ddim", "ancestral", "heun", "dpmpp_2m", "pc")
+STEP_SAMPLERS = ("ddim", "ancestral")    # the one-step rules `step_to` takes
 
 
 # --- x-hat post-processing hooks ------------------------------------------------------------
@@ -90,91 +92,6 @@ def clip_prediction(pred: process.Prediction, z, logsnr, clip_x=no_clip) -> proc
   return process.from_x(z, clip_x(pred.x), logsnr)
 
 
-# --- single steps (pure functions) ----------------------------------------------------------
-
-
-def _posterior_fraction(logsnr_t, logsnr_s):
-  """c = 1 - SNR_t / SNR_s = -expm1(logsnr_t - logsnr_s), stable when the two are close."""
-  return -jnp.expm1(logsnr_t - logsnr_s)
-
-
-def ddim_step(pred: process.Prediction, z_t, logsnr_t, logsnr_s, eta=0.0, noise=None):
-  """One DDIM update from t to s < t (Song et al. 2021, "Denoising Diffusion Implicit Models").
-
-  DDIM eq. 12, with alpha-bar_t = alpha_t^2 = sigmoid(logsnr_t):
-
-    z_s = alpha_s x_hat + sqrt(sigma_s^2 - sigma_eta^2) eps_hat + sigma_eta noise,
-    sigma_eta^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2)    (DDIM eq. 16).
-
-  For the variance-preserving process sigma_eta^2 = eta^2 sigma_s^2 c with
-  c = -expm1(logsnr_t - logsnr_s), so the update is computed as
-
-    z_s = alpha_s x_hat + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(c) noise,
-
-  which never subtracts two nearly equal variances. eta = 0 is deterministic DDIM; eta = 1
-  has the variance of the true posterior q(z_s | z_t, x) and equals `ancestral_step` when
-  `pred` is consistent with z_t (z_t = alpha_t x_hat + sigma_t eps_hat). `z_t` itself does not
-  enter eq. 12; it is an argument so that all step rules share one signature.
-
-  Args:
-    pred: prediction at (z_t, logsnr_t), already clipped if wanted.
-    z_t: current latent, shape [B, ...].
-    logsnr_t, logsnr_s: shape [B] (or scalars), logsnr_s > logsnr_t.
-    eta: in [0, 1].
-    noise: standard normal of z_t's shape; may be None only when eta == 0.
-  """
-  del z_t  # Eq. 12 uses only x-hat and eps-hat.
-  if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
-    raise ValueError(f"DDIM eta must lie in [0, 1] (0 deterministic, 1 ancestral), got {eta}")
-  x, eps = pred.x, pred.eps
-  logsnr_t, logsnr_s = process.per_example(logsnr_t, x), process.per_example(logsnr_s, x)
-  alpha_s, sigma_s = process.alpha_sigma(logsnr_s)
-  c = _posterior_fraction(logsnr_t, logsnr_s)
-  if noise is None and not _is_zero(eta):
-    raise ValueError("ddim_step with eta > 0 (or a traced eta) needs `noise`, a standard "
-                     "normal array shaped like z_t")
-  eta = jnp.asarray(eta, x.dtype)
-  z_s = alpha_s * x + sigma_s * jnp.sqrt(jnp.maximum(1.0 - eta**2 * c, 0.0)) * eps
-  if noise is None:
-    return z_s
-  return z_s + eta * sigma_s * jnp.sqrt(c) * noise
-
-
-def _is_zero(eta):
-  """True if `eta` is concretely zero; False if it is nonzero or traced (unknown)."""
-  try:
-    return float(eta) == 0.0
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
-    return False
-
-
-def ancestral_step(pred: process.Prediction, z_t, logsnr_t, logsnr_s, noise):
-  """Samples p(z_s | z_t) = q(z_s | z_t, x = x_hat) (VDM, Kingma et al. 2021, appendix A).
-
-  The posterior of the forward process is Gaussian with
-
-    mean = (alpha_{t|s} sigma_s^2 / sigma_t^2) z_t + (alpha_s sigma_{t|s}^2 / sigma_t^2) x,
-    var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2,
-
-  where alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2.
-  In logsnr form, with c = sigma_{t|s}^2 / sigma_t^2 = -expm1(logsnr_t - logsnr_s):
-
-    mean = exp(logsnr_t - logsnr_s) (alpha_s / alpha_t) z_t + c alpha_s x_hat,
-    var  = c sigma_s^2.
-
-  The z_t coefficient is evaluated in log space with log alpha^2 = log_sigmoid(logsnr)
-  (a softplus), so it stays finite when alpha_t is tiny (logsnr_t ~ -20).
-  """
-  x = pred.x
-  logsnr_t, logsnr_s = process.per_example(logsnr_t, x), process.per_example(logsnr_s, x)
-  alpha_s, sigma_s = process.alpha_sigma(logsnr_s)
-  c = _posterior_fraction(logsnr_t, logsnr_s)
-  log_coef_z = (logsnr_t - logsnr_s) + 0.5 * (jax.nn.log_sigmoid(logsnr_s) -
-                                              jax.nn.log_sigmoid(logsnr_t))
-  mean = jnp.exp(log_coef_z) * z_t + c * alpha_s * x
-  return mean + jnp.sqrt(c) * sigma_s * noise
-
-
 # --- the sampling loop ----------------------------------------------------------------------
 
 
@@ -188,28 +105,39 @@ def sample(denoise_fn: Callable[..., process.Prediction],
            eta: float = 0.0,
            clip_x: Callable[[jax.Array], jax.Array] = no_clip,
            cond: Any = None,
-           z_init=None):
-  """Draws samples x from noise on the uniform grid t_i = i / num_steps, i = N .. 1.
+           z_init=None,
+           solver_options: "SolverOptions | dict | None" = None,
+           self_condition: bool = False):
+  """Draws samples x from noise in at most `num_steps` denoiser evaluations.
 
-  Steps i = N, ..., 2 move z from t = i/N to s = (i-1)/N with the chosen rule; the last
+  "ddim" and "ancestral" work on the uniform grid t_i = i / num_steps, i = N .. 1: steps
+  i = N, ..., 2 move z from t = i/N to s = (i-1)/N with the chosen rule; the last
   evaluation, at t = 1/N, returns the (clipped) x-hat instead of stepping to t = 0 (as in VDM
-  and progressive distillation: at t -> 0 the best estimate of x given z is x-hat). So
-  `num_steps` is the number of denoiser evaluations, and logsnr_fn(0) is never needed.
+  and progressive distillation: at t -> 0 the best estimate of x given z is x-hat).
+  "dpmpp_2m" and "pc" use the same grid (pc with fewer levels, as its correctors also cost
+  evaluations); "heun" uses EDM's noise levels between logsnr_fn(1) and logsnr_fn(0). Every
+  sampler returns the x-hat of its last evaluation. `nfe(sampler, num_steps, options)` is
+  the exact number of evaluations: num_steps, except for heun (2 N - 1 <= num_steps) and pc.
 
-  The loop is one `jax.lax.fori_loop`, so under `jax.jit` (with `num_steps`, `sampler`,
-  `clip_x`, `denoise_fn`, `logsnr_fn` static) the whole run is one compiled program.
+  Each sampler is one `jax.lax.fori_loop`, so under `jax.jit` (with `num_steps`, `sampler`,
+  `clip_x`, `denoise_fn`, `logsnr_fn`, `solver_options` static) the whole run is one
+  compiled program.
 
   Args:
     denoise_fn: (z, logsnr [B], cond) -> process.Prediction.
     logsnr_fn: t [B] -> logsnr [B], strictly decreasing.
     shape: output shape, batch first.
     rng: PRNG key for z_init (if not given) and the per-step noise.
-    num_steps: number of denoiser evaluations (>= 1).
-    sampler: "ddim" or "ancestral".
-    eta: DDIM stochasticity in [0, 1]; ignored by "ancestral".
-    clip_x: x-hat hook, applied at every step and to the returned x.
+    num_steps: the budget of denoiser evaluations (>= 1).
+    sampler: one of SAMPLERS.
+    eta: DDIM stochasticity in [0, 1]; only "ddim" reads it.
+    clip_x: x-hat hook, applied at every evaluation and to the returned x.
     cond: conditioning pytree passed to denoise_fn.
     z_init: starting latent at t = 1; by default z_1 ~ N(0, I), the VP prior.
+    solver_options: SolverOptions, or a dict (a ConfigDict) of some of its fields (EDM's
+      churn, s_tmin, s_tmax, s_noise, rho; PC's snr, corrector_steps; DPM-Solver++'s grid).
+    self_condition: pass the latest x-hat (the clipped one the sampler uses) as
+      cond["x_self"] to every evaluation, zeros to the first.
 
   Returns:
     x of `shape`, float32.
@@ -219,18 +147,46 @@ def sample(denoise_fn: Callable[..., process.Prediction],
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive Python int (static under jit), "
                      f"got {num_steps!r}")
+  options = SolverOptions.of(solver_options)
   shape = tuple(shape)
   z_init, loop_rng, logsnr_at = loop_start(rng, shape, z_init, logsnr_fn, num_steps)
 
-  def predict(z, logsnr):
-    return clip_prediction(denoise_fn(z, logsnr, cond), z, logsnr, clip_x)
+  def predict(z, logsnr, x_self):
+    c = self_conditioning.with_x_self(cond, x_self) if self_condition else cond
+    return clip_prediction(denoise_fn(z, logsnr, c), z, logsnr, clip_x)
 
-  def body(k, z):
+  if sampler == "heun":
+    return solvers.heun(predict, logsnr_at, z_init, loop_rng, num_steps=num_steps,
+                        options=options)
+  if sampler == "dpmpp_2m":
+    grid = logsnr_at if options.grid == "t" else solvers.logsnr_uniform(logsnr_at, num_steps)
+    return solvers.dpmpp_2m(predict, grid, z_init, num_steps=num_steps)
+  if sampler == "pc":
+    return solvers.pc(predict, logsnr_at, z_init, loop_rng, num_steps=num_steps,
+                      options=options)
+
+  def body(k, carry):
+    z, x_self = carry
     i = num_steps - k  # k = 0 .. N-2 steps from t = i/N to s = (i-1)/N.
-    return step_to(sampler, eta, predict(z, logsnr_at(i)), z, i, logsnr_at, loop_rng)
+    pred = predict(z, logsnr_at(i), x_self)
+    return step_to(sampler, eta, pred, z, i, logsnr_at, loop_rng), pred.x
 
-  z = jax.lax.fori_loop(0, num_steps - 1, body, z_init)
-  return predict(z, logsnr_at(1)).x
+  z, x_self = jax.lax.fori_loop(0, num_steps - 1, body,
+                                (z_init, self_conditioning.no_estimate(z_init)))
+  return predict(z, logsnr_at(1), x_self).x
+
+
+def nfe(sampler: str, num_steps: int, options: "SolverOptions | dict | None" = None) -> int:
+  """The number of denoiser evaluations `sample` spends with this sampler and budget."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+  options = SolverOptions.of(options)
+  if sampler == "heun":
+    return 2 * solvers.heun_levels(num_steps) - 1
+  if sampler == "pc":
+    m = options.corrector_steps
+    return solvers.pc_levels(num_steps, m) * (m + 1) - m
+  return num_steps
 
 
 def loop_start(rng, shape, z_init, logsnr_fn, num_steps):
@@ -251,7 +207,11 @@ def loop_start(rng, shape, z_init, logsnr_fn, num_steps):
 
 def step_to(sampler: str, eta, pred: process.Prediction, z, i, logsnr_at, loop_rng):
   """One step from t = i/N to s = (i-1)/N: ancestral, or DDIM with `eta` (noise drawn from
-  loop_rng folded with i when the step is stochastic)."""
+  loop_rng folded with i when the step is stochastic). The multi-evaluation solvers (heun,
+  dpmpp_2m, pc) are whole loops, not steps: they go through `sample` only."""
+  if sampler not in STEP_SAMPLERS:
+    raise ValueError(f"sampler {sampler!r} is not a one-step rule; step_to takes one of "
+                     f"{STEP_SAMPLERS} (use samplers.sample for {sampler!r})")
   stochastic = sampler == "ancestral" or not (isinstance(eta, (int, float)) and eta == 0)
   noise = (jax.random.normal(jax.random.fold_in(loop_rng, i), z.shape, jnp.float32)
            if stochastic else None)
