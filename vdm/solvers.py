@@ -204,6 +204,9 @@ def heun(predict: Callable, logsnr_at: Callable, z_init, rng, *, num_steps: int,
   Euler step to sigma_{i+1} and Heun's correction (2 evaluations). The last step, from
   sigma_{N-1} = sigma~_min to 0, is EDM's Euler step, whose result x~ + (0 - sigma_hat) d is
   exactly x_hat(x~, sigma_hat): we return that x-hat (1 evaluation), like samplers.sample.
+  With churn and S_tmax >= sigma~_max (the default S_tmax is inf, as in EDM's generate.py)
+  the first level is raised above sigma~_max, below the logsnr range the schedule was
+  trained on; an S_tmax under sigma~_max keeps every evaluation inside it.
   """
   o = options
   n = heun_levels(num_steps)
