@@ -3,6 +3,11 @@
 state = {"step": int32[], "params": nnx.State, "opt_state": optax state, "ema": nnx.State,
          "rng": uint32 key data}
 
+With optim.phema.enabled, the optimizer chain ends in vdm.posthoc_ema.power_ema, so the
+opt_state also holds the post-hoc EMA profiles (EDM2), one params-shaped tree per
+optim.phema.stds: every reader that rebuilds the optimizer from the saved config restores
+them, and the non-finite guard skips them with the update.
+
 A family supplies `loss_and_grads(params, batch, rng) -> (loss, metrics, grads)`; this module
 adds gradient accumulation over micro-batches, the optimizer update, the EMA, and the
 non-finite guard: a NaN/Inf loss or gradient leaves the state unchanged and reports
@@ -14,6 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+
+from vdm import posthoc_ema
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -50,6 +57,9 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   is a small fraction of Adam's two full copies of the parameters. Its step is the plain
   learning rate times the normalised update (no relative-to-parameter-scale step, no update
   clipping), so cfg.lr means what it means for Adam.
+
+  cfg.phema.enabled (default off) appends the post-hoc EMA profiles of cfg.phema.stds
+  (`phema_stds`).
   """
   name = cfg.get("name", "adamw")
   schedule = learning_rate_schedule(cfg, total_steps)
@@ -64,7 +74,27 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
                                  weight_decay_mask=weight_decay_mask))
   else:
     raise ValueError(f"unknown optim.name {name!r}; choose one of {OPTIMIZERS}")
+  stds = phema_stds(cfg)
+  if stds:
+    parts.append(posthoc_ema.power_ema(stds))
   return optax.chain(*parts)
+
+
+def phema_stds(cfg) -> tuple[float, ...]:
+  """The post-hoc EMA stds that config.optim `cfg` tracks: () when optim.phema is absent
+  (configs older than it) or disabled; a clear error for stds no power function has."""
+  phema = cfg.get("phema")
+  if phema is None or not phema.get("enabled", False):
+    return ()
+  stds = tuple(float(s) for s in phema.stds)
+  if not stds:
+    raise ValueError("optim.phema.enabled needs at least one std in optim.phema.stds, e.g. "
+                     "(0.05, 0.10) as in EDM2")
+  try:
+    posthoc_ema.exponent_of_std(stds)
+  except ValueError as e:
+    raise ValueError(f"optim.phema.stds={stds}: {e}") from None
+  return stds
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> dict:

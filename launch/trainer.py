@@ -6,7 +6,8 @@ Sections: setup (processes, mesh, data, model) -> state (sharded init or restore
 (ahead of time, against the batch shape) -> loop (step, log, evaluate, sample, checkpoint).
 Running the same command again in the same workdir resumes from the latest checkpoint,
 including the data iterator, so the resumed run sees exactly the batches the uninterrupted
-one would have.
+one would have. With optim.phema.enabled the loop also saves post-hoc EMA snapshots
+(launch/phema_snapshots.py) for `python -m launch.phema`.
 """
 
 import logging
@@ -16,7 +17,8 @@ import jax
 import numpy as np
 
 from launch import checkpoint as checkpoint_lib
-from launch import distributed, families, mesh as mesh_lib, metric_writer, train_state
+from launch import config_flags, distributed, families, mesh as mesh_lib, metric_writer
+from launch import phema_snapshots, train_state
 from launch import flops as flops_lib
 from launch import fs
 from launch import setup as setup_lib
@@ -107,6 +109,25 @@ def _nonfinite_error(step, metrics, ckpt):
       f"--config.train.nan_policy=skip to skip such updates.")
 
 
+def check_phema_resume(ckpt: checkpoint_lib.Checkpointer, config):
+  """Resuming must keep the post-hoc EMA settings: the profiles restored from the checkpoint
+  have the saved stds, and a profile cannot start mid-run (it weights every update since
+  step 1), so enabling, disabling or changing optim.phema.stds on resume is an error."""
+  if ckpt.latest_step() is None:
+    return
+  saved = train_state.phema_stds(ckpt.restore_config().optim)
+  wanted = train_state.phema_stds(config.optim)
+  if saved != wanted:
+    describe = lambda stds: f"stds {list(stds)}" if stds else "disabled"
+    raise config_flags.InputError(
+        f"{ckpt.directory} was trained with post-hoc EMA {describe(saved)}, but this config "
+        f"has {describe(wanted)}: the profiles average every update since step 1, so they "
+        f"cannot be switched on, off or changed mid-run. Resume with the saved setting "
+        f"(--config.optim.phema.enabled={bool(saved)}"
+        + (f" --config.optim.phema.stds='{tuple(saved)}'" if saved else "")
+        + "), or train in a fresh workdir.")
+
+
 def train(config, workdir: str, devices=None) -> dict:
   """Trains until config.train.num_steps; returns the last evaluation's metrics."""
   # ----------------------------------------------------------------------------- setup
@@ -120,6 +141,11 @@ def train(config, workdir: str, devices=None) -> dict:
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=cfg.checkpoint_every,
                                      keep=cfg.keep_checkpoints)
   ckpt.install_sigterm_handler()
+  check_phema_resume(ckpt, config)
+  snapshots = None
+  if train_state.phema_stds(config.optim):
+    snapshots = phema_snapshots.Writer(workdir, config.optim.phema.snapshot_every,
+                                       cfg.num_steps)
 
   # ----------------------------------------------------------------------------- state
   state = setup_lib.restore_or_init(setup, ckpt, data_iterator=data_iter)
@@ -167,6 +193,8 @@ def train(config, workdir: str, devices=None) -> dict:
           raise _nonfinite_error(step, metrics, ckpt)
       if boundary(cfg.log_every):
         ckpt.check()
+        if snapshots is not None:
+          snapshots.check()
         shown = {k: metrics[k] for k in ("loss", "bpd", "grad_norm") if k in metrics}
         line = progress.line(step, shown)  # also measures steps/s, TFLOP/s and MFU
         writer.write(step, {**metrics, **progress.throughput}, prefix="train/")
@@ -192,6 +220,8 @@ def train(config, workdir: str, devices=None) -> dict:
       if ckpt.save(step, state, data_state=data_iter, config=config,
                    force=step == cfg.num_steps):
         writer.flush()   # metrics up to a checkpoint are on disk (GCS) when it is
+      if snapshots is not None:
+        snapshots.maybe_save(step, state, config)
       if ckpt.preemption_requested(step):
         # A SIGTERM that landed just after save() above: save now (a no-op if saved already).
         ckpt.save(step, state, data_state=data_iter, config=config, force=True)
@@ -201,5 +231,7 @@ def train(config, workdir: str, devices=None) -> dict:
     # Also on errors: finish an in-flight async save (earlier steps stay restorable) and
     # give the SIGTERM handler back.
     ckpt.close()
+    if snapshots is not None:
+      snapshots.close()
     writer.close()
   return last_eval

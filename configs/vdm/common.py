@@ -45,7 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw",                   # or "adafactor" (factored second moments, less memory)
       lr=2e-4, warmup_steps=100, decay="constant", b1=0.9, b2=0.99, eps=1e-8,
-      weight_decay=0.01, grad_clip=1.0, ema_decay=0.9999))
+      weight_decay=0.01, grad_clip=1.0, ema_decay=0.9999,
+      # Post-hoc EMA (EDM2): track power-function EMAs of these relative stds and snapshot
+      # them every snapshot_every steps (and at the last step); `python -m launch.phema`
+      # then reconstructs the EMA of any std from the snapshots.
+      phema=ml_collections.ConfigDict(dict(enabled=False, stds=(0.05, 0.10),
+                                           snapshot_every=5000))))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128, num_steps=10_000_000, grad_accum=1, compute_dtype="float32",
