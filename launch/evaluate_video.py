@@ -42,7 +42,7 @@ from imagen import video_experiment
 from launch import cascade, distributed, families, fs, metric_writer, videos
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags
-from vdm import losses
+from vdm import losses, samplers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.")
 _STAGES = flags.DEFINE_list("stages", None, "Or a video cascade: stage workdirs, base first.")
@@ -54,7 +54,7 @@ _NUM = flags.DEFINE_integer("num", 297, "Clips per weight (the first captions of
                             "split; 297 = the whole moving-digits test split).")
 _STEPS = flags.DEFINE_list("steps", ["64"], "Sampling steps (--stages: one per stage, or one "
                            "for all).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ancestral"], "Sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", samplers.SAMPLERS, "Sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _GIF_DIR = flags.DEFINE_string("gif_dir", None, "Write the first 16 clips per weight here.")
 _EXTEND_TO = flags.DEFINE_integer("extend_to", 0, "Also extend the clips to this many frames.")
@@ -66,6 +66,11 @@ flags.register_validator("stages", lambda s: s is None or len(s) >= 1,
 flags.mark_flags_as_mutual_exclusive(["workdir", "stages"], required=True)
 flags.register_validator("num", lambda n: n >= 2, "--num is the number of clips per weight; "
                          "a Frechet distance needs at least 2: pass e.g. --num 297.")
+flags.register_multi_flags_validator(
+    ["extend_to", "sampler"],
+    lambda f: not f["extend_to"] or f["sampler"] in samplers.STEP_SAMPLERS,
+    f"--extend_to extends clips by reconstruction guidance, which steps with "
+    f"{samplers.STEP_SAMPLERS}: pass --sampler ddim or ancestral")
 
 
 def eval_clips(workdir: str, num: int):

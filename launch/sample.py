@@ -16,11 +16,12 @@ from launch import config_flags, fs
 from launch import workdir as workdir_lib
 from launch import distributed
 from launch import metric_writer
+from vdm import samplers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Sampling steps (network evaluations).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ancestral"],
+_SAMPLER = flags.DEFINE_enum("sampler", None, samplers.SAMPLERS,
                              "Sampler (default: config.eval.sampler).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: workdir/samples/sample_*.png).")

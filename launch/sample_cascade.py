@@ -38,7 +38,8 @@ _NUM = flags.DEFINE_integer("num_per_prompt", 4, "Images per prompt.")
 _STEPS = flags.DEFINE_list("steps", ["64"], "Sampling steps per stage.")
 _GUIDANCE = flags.DEFINE_list("guidance", ["1.0"], "Guidance weight w per stage "
                               "(guided = (1 + w) cond - w uncond; 0 = conditional).")
-_SAMPLER = flags.DEFINE_list("sampler", ["ddim"], "ddim or ancestral, per stage.")
+_SAMPLER = flags.DEFINE_list("sampler", ["ddim"], "One of vdm.samplers.SAMPLERS (ddim, "
+                             "ancestral, heun, dpmpp_2m, pc) per stage.")
 _AUG = flags.DEFINE_list("aug_level", ["0.0"], "Noise-augmentation level t_aug of the "
                          "low-resolution input, per SR stage (the base ignores it).")
 _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "none"],

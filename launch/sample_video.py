@@ -26,7 +26,7 @@ from absl import flags
 from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs, metric_writer, videos
-from vdm import losses
+from vdm import losses, samplers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
                                required=True)
@@ -36,7 +36,7 @@ _NUM = flags.DEFINE_integer("num_per_prompt", 4, "Clips per prompt.")
 _STEPS = flags.DEFINE_integer("steps", 64, "Sampling steps (network evaluations).")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Guidance weight w (guided = (1 + w) cond "
                                "- w uncond; 0 = conditional).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ancestral"], "Sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", samplers.SAMPLERS, "Sampler.")
 _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "none"],
                                "x-hat thresholding.")
 _FPS = flags.DEFINE_integer("fps", 8, "Frame rate of the GIF and MP4 files.")
@@ -54,6 +54,11 @@ flags.register_validator("steps", lambda n: n >= 1, "--steps is the number of sa
                          "steps: pass a positive number, e.g. --steps 64.")
 flags.register_validator("fps", lambda n: n >= 1, "--fps is the frame rate of the files: "
                          "pass a positive whole number, e.g. --fps 8.")
+flags.register_multi_flags_validator(
+    ["extend_to", "sampler"],
+    lambda f: not f["extend_to"] or f["sampler"] in samplers.STEP_SAMPLERS,
+    f"--extend_to extends clips by reconstruction guidance, which steps with "
+    f"{samplers.STEP_SAMPLERS}: pass --sampler ddim or ancestral")
 
 
 def main(argv):

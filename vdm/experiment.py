@@ -195,8 +195,10 @@ def _join(a: nnx.State, b: nnx.State) -> nnx.State:
 
 
 def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
-           eta: float = 0.0, clip: bool = True, labels=None, guidance_w: float = 0.0):
-  """Draws `num` images as integer levels (0..num_levels-1); with labels and guidance_w > 0,
+           eta: float = 0.0, clip: bool = True, labels=None, guidance_w: float = 0.0,
+           solver_options=None):
+  """Draws `num` images as integer levels (0..num_levels-1) with any of samplers.SAMPLERS
+  (solver_options: its options, e.g. config.eval.solver); with labels and guidance_w > 0,
   classifier-free guided ((1 + w) cond - w uncond; the model must be trained with p_uncond)."""
   cond = None if labels is None else {"label": labels}
 
@@ -208,5 +210,6 @@ def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
 
   x = samplers.sample(denoise_fn, model.logsnr, (num,) + model.image_shape, rng,
                       num_steps=num_steps, sampler=sampler, eta=eta,
-                      clip_x=samplers.static_clip() if clip else samplers.no_clip, cond=cond)
+                      clip_x=samplers.static_clip() if clip else samplers.no_clip, cond=cond,
+                      solver_options=solver_options)
   return losses.x_to_int(x, model.num_levels)

@@ -59,9 +59,17 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3))
 
   c.eval = ml_collections.ConfigDict(dict(
+      # sampler: one of vdm.samplers.SAMPLERS (ddim, ancestral, heun, dpmpp_2m, pc);
+      # sample_steps is its budget of network evaluations (samplers.nfe: the exact count).
       batch_size=256, num_time_samples=1, num_samples=64, sample_steps=256, sampler="ddim",
       guidance_w=0.0,                 # class-conditional sampling: (1 + w) cond - w uncond
-      max_examples=0))                # 0: the whole split
+      max_examples=0,                 # 0: the whole split
+      # Options of the solvers (vdm.solvers.SolverOptions): EDM Heun's churn, s_tmin,
+      # s_tmax, s_noise, rho; PC's Langevin snr and corrector_steps; DPM-Solver++(2M)'s
+      # grid ("t": uniform in t, "logsnr": uniform in logsnr).
+      solver=ml_collections.ConfigDict(dict(
+          churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, rho=7.0, snr=0.16,
+          corrector_steps=1, grid="t"))))
 
   c.mesh = ml_collections.ConfigDict(dict(
       ici=(-1, 1, 1), dcn=(1, 1, 1), rules="data_parallel"))

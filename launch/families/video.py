@@ -44,7 +44,8 @@ def _sample(model, rng, batch, config, encoder=None, *, num_steps):
   x = imagen_experiment.sample(model, k_sample, cond, batch["video"].shape[0],
                                num_steps=num_steps, guidance_w=config.eval.guidance_w,
                                sampler=config.eval.sampler, threshold=config.eval.threshold,
-                               percentile=config.eval.percentile)
+                               percentile=config.eval.percentile,
+                               solver_options=config.eval.get("solver"))
   return losses.x_to_int(x, model.num_levels)
 
 
