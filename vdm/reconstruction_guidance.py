@@ -225,8 +225,9 @@ def conditional_sample(denoise_fn: Callable[..., process.Prediction],
   sampling, the same numbers as samplers.sample with the same rng. One lax.fori_loop: jit
   it with everything but the arrays static.
   """
-  if sampler not in samplers.SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}")
+  if sampler not in samplers.STEP_SAMPLERS:
+    raise ValueError(f"reconstruction guidance steps one rule at a time: sampler {sampler!r} "
+                     f"is not one of {samplers.STEP_SAMPLERS}")
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive Python int (static under jit), "
                      f"got {num_steps!r}")
