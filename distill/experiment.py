@@ -13,6 +13,14 @@ teacher's family. `dcfg` is config.distill:
 Targets use the teacher's x-hat through `dcfg.target_clip` ("none" by default: Salimans &
 Ho's Algorithm 2 and Meng et al. regress on the unclipped teacher; clipping belongs to
 sampling), samples use `dcfg.clip`.
+
+Self-conditioned teachers (model.self_condition, Chen et al. 2022): no sampling chain gives
+the teacher a previous estimate at a target's steps, so it is evaluated with its own
+estimate from a first pass at the same z (`self_conditioning.with_own_estimate`), the input
+of the self-conditioned half of its training. The student inherits the teacher's model
+config, so it is self-conditioned too and trains by the same 50% rule
+(`self_conditioning.training_x_self`), samples with its latest x-hat as x_self (`sample`),
+and serves as the next stage's teacher the same way.
 """
 
 import math
@@ -22,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill import guided, progressive, sampling
-from vdm import losses, process, samplers
+from vdm import losses, process, samplers, self_conditioning
 from vdm.model import DiffusionModel
 
 KINDS = ("progressive", "guided")
@@ -64,12 +72,15 @@ def loss_and_grads(graphdef, params, batch, rng, dcfg, model_cfg, teacher: Diffu
   w = guided.sample_guidance_weights(k_w, batch_size, dcfg.w_min, dcfg.w_max)
   student_cond = _with_w(cond, w, model_cfg.guidance_embedding)
   target_clip = samplers.clip_hook(dcfg.get("target_clip", "none"))
+  teacher_denoise = lambda z_, l_, c_: teacher.denoise(z_, l_, c_)
+  if teacher.self_condition:
+    teacher_denoise = self_conditioning.with_own_estimate(teacher_denoise)
 
   # 1. the target, from the frozen teacher (no gradient)
   if dcfg.kind == "guided":
     z, logsnr = guided.stage_one_inputs(k_times, x, teacher.logsnr)
-    target = guided.guided_target(lambda z_, l_, c_: teacher.denoise(z_, l_, c_), z, logsnr,
-                                  cond, w, teacher.drop_conditioning, target_clip)
+    target = guided.guided_target(teacher_denoise, z, logsnr, cond, w,
+                                  teacher.drop_conditioning, target_clip)
   else:
     k_i, k_eps = jax.random.split(k_times)
     i, t, t_mid, s = progressive.student_times(k_i, batch_size, dcfg.student_steps)
@@ -77,7 +88,7 @@ def loss_and_grads(graphdef, params, batch, rng, dcfg, model_cfg, teacher: Diffu
     z = process.diffuse(x, logsnr, jax.random.normal(k_eps, x.shape))
 
     def teacher_fn(z_, l_, c_):
-      return samplers.clip_prediction(teacher.denoise(z_, l_, c_), z_, l_, target_clip)
+      return samplers.clip_prediction(teacher_denoise(z_, l_, c_), z_, l_, target_clip)
 
     target = progressive.distillation_target(
         teacher_fn, z, logsnr, logsnr_mid, logsnr_s, i == 1,
@@ -88,7 +99,12 @@ def loss_and_grads(graphdef, params, batch, rng, dcfg, model_cfg, teacher: Diffu
   # 2. the student's x-hat at the same z_t and its weighted error
   def loss_fn(p):
     student = nnx.merge(graphdef, p)
-    x_hat = student.denoise(z, logsnr, student_cond).x
+    s_cond = student_cond
+    if student.self_condition:   # the 50% rule, as the teacher was trained
+      s_cond = self_conditioning.with_x_self(s_cond, self_conditioning.training_x_self(
+          lambda z_, l_, c_: student.denoise(z_, l_, c_), z, logsnr, s_cond,
+          jax.random.fold_in(rng, 3)))
+    x_hat = student.denoise(z, logsnr, s_cond).x
     per_example = progressive.x_space_loss(target, x_hat, logsnr, dcfg.weighting)
     loss = jnp.mean(per_example) * to_bpd
     return loss, {"loss": loss, "x_mse": jnp.mean(jnp.square(target - x_hat))}
@@ -109,5 +125,6 @@ def sample(student: DiffusionModel, rng, batch, dcfg, model_cfg, *, num_steps: i
   cond = _with_w(cond, jnp.full((x.shape[0],), dcfg.sample_w), model_cfg.guidance_embedding)
   out = sampling.sample(lambda z, l, c: student.denoise(z, l, c), student.logsnr, x.shape,
                         k_sample, num_steps=num_steps, sampler=dcfg.sampler,
-                        clip_x=samplers.clip_hook(dcfg.clip), cond=cond)
+                        clip_x=samplers.clip_hook(dcfg.clip), cond=cond,
+                        self_condition=student.self_condition)
   return losses.x_to_int(out, student.num_levels)

@@ -247,8 +247,8 @@ class EfficientUNet(nnx.Module):
 
   Args:
     channels: image channels C of z; cond["lowres"] has the same.
-    out_channels: output channels (default C; 2 C for the "both" parameterization,
-      Salimans & Ho 2022 sec. 4).
+    in_channels: input channels (default C; 2 C self-conditioned: [z, x_self], vdm/model.py).
+    out_channels: output channels (default C; 2 C for "both", Salimans & Ho 2022 sec. 4).
     image_size: training resolution H (= W); attention placement refers to it.
     ch: base width; level i has ch * ch_mult[i] channels.
     ch_mult: channel multiplier per level (len(ch_mult) - 1 downsamplings).
@@ -274,8 +274,8 @@ class EfficientUNet(nnx.Module):
                num_res_blocks: int | Sequence[int] = (2, 4, 8, 8),
                attn_resolutions: Sequence[int] = (), cross_attn_resolutions: Sequence[int] = (),
                num_heads: int = 8, text_dim: int | None = None, lowres_cond: bool = False,
-               num_classes: int | None = None, dropout: float = 0.0,
-               emb_ch: int | None = None, out_channels: int | None = None,
+               num_classes: int | None = None, dropout: float = 0.0, emb_ch: int | None = None,
+               out_channels: int | None = None, in_channels: int | None = None,
                guidance_embedding: bool = False, scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     levels = len(ch_mult)
@@ -301,6 +301,7 @@ class EfficientUNet(nnx.Module):
 
     self.channels, self.ch, self.dtype, self.levels = channels, ch, dtype, levels
     self.out_channels = channels if out_channels is None else out_channels
+    self.in_channels = channels if in_channels is None else in_channels
     self.text_dim, self.lowres_cond = text_dim, lowres_cond
     self.cond_keys = ((("text_emb", "text_mask") if text_dim is not None else ()) +
                       (("lowres", "aug_logsnr") if lowres_cond else ()) +
@@ -316,7 +317,7 @@ class EfficientUNet(nnx.Module):
                   rngs=rngs)
     attn_at = lambda i: dict(self_attn=sizes[i] in attn_resolutions,
                              cross_attn=sizes[i] in cross_attn_resolutions)
-    in_ch = channels * (2 if lowres_cond else 1)
+    in_ch = self.in_channels + (channels if lowres_cond else 0)
     self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
     down, cur = [], ch
     for i in range(levels):
@@ -333,7 +334,6 @@ class EfficientUNet(nnx.Module):
     self._output_modules(cur, ch, emb_ch, guidance_embedding, dtype, rngs)
 
   # --- conditioning ---
-
 
   def _output_modules(self, cur, ch, emb_ch, guidance_embedding, dtype, rngs):
     """The output norm and (zero-initialised) conv, then the guidance-weight embedding,
@@ -419,16 +419,16 @@ class EfficientUNet(nnx.Module):
       raise ValueError(f"{NAME} was built with lowres_cond=True: pass cond{missing} (the "
                        "noise-augmented low-resolution image upsampled to z's size, and "
                        "its augmentation logsnr [B])")
-    lowres = jnp.asarray(cond["lowres"])
-    if lowres.shape != z.shape:
+    lowres, shape = jnp.asarray(cond["lowres"]), z.shape[:-1] + (self.channels,)
+    if lowres.shape != shape:
       raise ValueError(f"cond['lowres'] must be the low-resolution image upsampled to z's "
-                       f"shape {list(z.shape)}, got {list(lowres.shape)}")
+                       f"size, shape {list(shape)}, got {list(lowres.shape)}")
     return jnp.concatenate([z, lowres.astype(z.dtype)], axis=-1)
 
   # --- forward ---
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
-    logsnr = layers.check_inputs(z, logsnr, self.channels, NAME)
+    logsnr = layers.check_inputs(z, logsnr, self.in_channels, NAME)
     factor = 2 ** (self.levels - 1)
     if z.shape[1] % factor or z.shape[2] % factor:
       raise ValueError(f"{NAME}: H, W = {z.shape[1:3]} must be divisible by {factor} "

@@ -22,7 +22,7 @@ from flax import nnx
 from imagen import noise_augmentation, text_conditioning
 from imagen.efficient_unet import EfficientUNet
 from imagen.unet_presets import efficient_unet_config
-from vdm import guidance, losses, process, samplers, schedules
+from vdm import guidance, losses, process, samplers, schedules, self_conditioning
 from vdm.model import DiffusionModel
 
 
@@ -30,8 +30,9 @@ class ImagenStage(DiffusionModel):
   """Efficient U-Net + schedule + parameterization at one resolution of the cascade."""
 
   def __init__(self, net, schedule, parameterization: str, num_levels: int, image_shape,
-               lowres_size: int):
-    super().__init__(net, schedule, parameterization, num_levels, image_shape)
+               lowres_size: int, *, self_condition: bool = False):
+    super().__init__(net, schedule, parameterization, num_levels, image_shape,
+                     self_condition=self_condition)
     self.lowres_size = lowres_size          # 0 for the base stage
 
   def data_and_cond(self, batch, rng, cfg):
@@ -56,10 +57,12 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs, dtype=jnp.floa
                 text_dim=cfg.text_dim,
                 lowres_cond=cfg.lowres_size > 0, dtype=dtype,
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
-                guidance_embedding=cfg.get("guidance_embedding", False))
+                guidance_embedding=cfg.get("guidance_embedding", False),
+                in_channels=shape[-1] * (2 if cfg.get("self_condition", False) else 1))
   net = EfficientUNet(**kwargs, rngs=rngs)
   return ImagenStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
-                     num_levels, shape, cfg.lowres_size)
+                     num_levels, shape, cfg.lowres_size,
+                     self_condition=cfg.get("self_condition", False))
 
 
 def downsample(x, size: int):
@@ -145,12 +148,19 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
 def denoising_loss(model, x, cond, keys, cfg):
   """The batch mean of the weighted denoising loss 1/2 c(t) ||eps - eps-hat||^2 of x given
   cond (cfg.weighting; v-MSE by default), in units of nats/(dim ln 2). keys: the keys of
-  (t, eps, dropout)."""
+  (t, eps, dropout). A self-conditioned model sees x_self by the 50% rule of Chen et al.
+  (vdm.self_conditioning.training_x_self)."""
   k_t, k_eps, k_drop = keys
   t = losses.sample_times(k_t, x.shape[0], antithetic=cfg.antithetic_time)
   lam, rate = schedules.logsnr_and_rate(model.schedule, t)
   eps = jax.random.normal(k_eps, x.shape)
   z = process.diffuse(x, lam, eps)
+  if model.self_condition:
+    first_key = None if k_drop is None else jax.random.fold_in(k_drop, 1)
+    x_self = self_conditioning.training_x_self(
+        lambda z_, l_, c_: model.denoise(z_, l_, c_, dropout_key=first_key), z, lam, cond,
+        jax.random.fold_in(k_t, 1))
+    cond = self_conditioning.with_x_self(cond, x_self)
   pred = model.denoise(z, lam, cond, dropout_key=k_drop)
   per_example = losses.weighted_diffusion_loss(eps, pred.eps, lam, rate, cfg.weighting,
                                                **cfg.weighting_params)
@@ -167,4 +177,5 @@ def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, gui
                             guidance.drop_text)
   return samplers.sample(denoise, model.logsnr, (num,) + model.image_shape, rng,
                          num_steps=num_steps, sampler=sampler, eta=eta, clip_x=clip_x,
-                         cond=cond, solver_options=solver_options)
+                         cond=cond, solver_options=solver_options,
+                         self_condition=model.self_condition)

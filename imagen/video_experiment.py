@@ -54,8 +54,9 @@ class VideoStage(DiffusionModel):
 
   def __init__(self, net, schedule, parameterization: str, num_levels: int, video_shape,
                fps: float | None = None, *, lowres_size: int = 0, lowres_frames: int = 0,
-               tsr_fill: str = "repeat"):
-    super().__init__(net, schedule, parameterization, num_levels, video_shape)
+               tsr_fill: str = "repeat", self_condition: bool = False):
+    super().__init__(net, schedule, parameterization, num_levels, video_shape,
+                     self_condition=self_condition)
     video_sr.check_stage(self.image_shape, lowres_size, lowres_frames, tsr_fill)
     self.lowres_size = lowres_size      # SSR: the previous stage's frame height (0: none)
     self.lowres_frames = lowres_frames  # TSR: the previous stage's frame count (0: none)
@@ -121,10 +122,12 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
                 fps_cond=cfg.fps_cond, scan_layers=cfg.scan_layers, remat=cfg.remat,
                 lowres_cond=bool(sr["lowres_size"] or sr["lowres_frames"]),
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
-                guidance_embedding=cfg.guidance_embedding, dtype=dtype)
+                guidance_embedding=cfg.guidance_embedding, dtype=dtype,
+                in_channels=shape[-1] * (2 if cfg.get("self_condition", False) else 1))
   net = VideoUNet(**kwargs, rngs=rngs)
   return VideoStage(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization,
-                    num_levels, shape, fps=float(cfg.fps) if cfg.fps_cond else None, **sr)
+                    num_levels, shape, fps=float(cfg.fps) if cfg.fps_cond else None, **sr,
+                    self_condition=cfg.get("self_condition", False))
 
 
 def stage_videos(model: VideoStage, batch):

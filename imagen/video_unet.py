@@ -175,7 +175,8 @@ class VideoUNet(EfficientUNet):
   Args (those shared with EfficientUNet mean the same; see imagen/efficient_unet.py):
     channels, out_channels, image_size, ch, ch_mult, num_res_blocks, attn_resolutions,
     cross_attn_resolutions, num_heads, text_dim, lowres_cond, num_classes, dropout, emb_ch,
-    guidance_embedding, scan_layers, remat, dtype.
+    guidance_embedding, scan_layers, remat, dtype, in_channels (2 C for a self-conditioned
+    model, whose input is [z, x_self]: vdm/model.py).
     temporal_attn_resolutions: level sizes (at image_size) whose ResBlocks are each followed
       by temporal attention; None = every level not in temporal_conv_resolutions.
     temporal_conv_resolutions: level sizes with a temporal convolution after each ResBlock.
@@ -200,7 +201,7 @@ class VideoUNet(EfficientUNet):
                num_classes: int | None = None, fps_cond: bool = False, dropout: float = 0.0,
                emb_ch: int | None = None, out_channels: int | None = None,
                guidance_embedding: bool = False, scan_layers: bool = True,
-               remat: str = "none", dtype=jnp.float32,
+               remat: str = "none", dtype=jnp.float32, in_channels: int | None = None,
                shard_activations: Callable | None = None, rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
@@ -247,6 +248,7 @@ class VideoUNet(EfficientUNet):
 
     self.channels, self.ch, self.dtype, self.levels = channels, ch, dtype, levels
     self.out_channels = channels if out_channels is None else out_channels
+    self.in_channels = channels if in_channels is None else in_channels
     self.text_dim, self.lowres_cond = text_dim, lowres_cond
     self.shard_activations = shard_activations
     self.cond_keys = ((("text_emb", "text_mask") if text_dim is not None else ()) +
@@ -269,7 +271,7 @@ class VideoUNet(EfficientUNet):
                   dropout=dropout, scan_layers=scan_layers, remat=stack.check_remat(remat),
                   dtype=dtype, rngs=rngs)
 
-    in_ch = channels * (2 if lowres_cond else 1)
+    in_ch = self.in_channels + (channels if lowres_cond else 0)
     self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
     down, cur = [], ch
     for i in range(levels):
@@ -317,7 +319,7 @@ class VideoUNet(EfficientUNet):
   # --- forward ---
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
-    logsnr = _check_video_inputs(z, logsnr, self.channels)
+    logsnr = _check_video_inputs(z, logsnr, self.in_channels)
     b, f, hh, ww, _ = z.shape
     factor = 2 ** (self.levels - 1)
     if hh % factor or ww % factor:

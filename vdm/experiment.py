@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vdm import guidance, losses, ode_likelihood, process, samplers, schedules
+from vdm import self_conditioning
 from vdm.model import DiffusionModel
 from vdm.nets.score_unet import ScoreUNet
 from vdm.nets.unet import UNet
@@ -52,8 +53,11 @@ def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.flo
   num_classes = cfg.num_classes or None
   # "both" outputs x_tilde and eps_tilde (Salimans & Ho 2022 sec. 4); guidance_embedding
   # makes a w-conditioned distillation student (Meng et al. 2023).
+  # self_condition: the net also sees x_self, concatenated to z (vdm/model.py).
+  self_condition = cfg.get("self_condition", False)
   distill = dict(out_channels=2 * channels if cfg.parameterization == "both" else channels,
-                 guidance_embedding=cfg.get("guidance_embedding", False))
+                 guidance_embedding=cfg.get("guidance_embedding", False),
+                 in_channels=channels * (2 if self_condition else 1))
   if cfg.net == "score_unet":
     net = ScoreUNet(channels=channels, **cfg.score_unet, num_classes=num_classes,
                     gamma_min=-cfg.schedule.logsnr_max, gamma_max=-cfg.schedule.logsnr_min,
@@ -65,7 +69,7 @@ def build_model(cfg, num_levels: int, image_shape, rngs: nnx.Rngs, dtype=jnp.flo
   else:
     raise ValueError(f"unknown net {cfg.net!r}; choose 'score_unet' or 'unet'")
   return VDM(net, schedules.from_config(cfg.schedule, rngs), cfg.parameterization, num_levels,
-             image_shape)
+             image_shape, self_condition=self_condition)
 
 
 def _cond(batch, cfg):
@@ -83,8 +87,17 @@ def _schedule_values(schedule, t, num_steps: int):
   return values
 
 
-def _vlb_terms(model: VDM, x_int, sched, eps, eps_0, cond, cfg, dropout_key):
-  """The three VLB terms (and the weighted diffusion loss) per example, in nats."""
+def _vlb_terms(model: VDM, x_int, sched, eps, eps_0, cond, cfg, dropout_key,
+               self_cond_key=None):
+  """The three VLB terms (and the weighted diffusion loss) per example, in nats.
+
+  A self-conditioned model sees x_self by the 50% rule (vdm.self_conditioning) when
+  self_cond_key is given (training), else x_self = 0. Either way the diffusion term is a
+  valid bound: x_self is a function of z_t, so x-hat stays a denoiser of z_t. Evaluation
+  uses x_self = 0 throughout, the likelihood of one fixed model (the one-pass denoiser);
+  the sampled model differs from it (its x_self comes from the previous step), so for
+  self-conditioned models sample quality (FD), not bits/dim, is the measure to compare.
+  """
   x = losses.int_to_x(x_int, model.num_levels)
   # 1. reconstruction: -log p(x | z_0), z_0 ~ q(z_0 | x)
   z_0 = process.diffuse(x, sched["logsnr_0"], eps_0)
@@ -93,6 +106,12 @@ def _vlb_terms(model: VDM, x_int, sched, eps, eps_0, cond, cfg, dropout_key):
   prior = losses.prior_kl(x, sched["logsnr_1"])
   # 3. diffusion: denoising error at z_t, weighted by the schedule's rate (or T steps)
   z_t = process.diffuse(x, sched["logsnr_t"], eps)
+  if model.self_condition and self_cond_key is not None:
+    first_key = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+    x_self = self_conditioning.training_x_self(
+        lambda z, lam, c: model.denoise(z, lam, c, dropout_key=first_key), z_t,
+        sched["logsnr_t"], cond, self_cond_key)
+    cond = self_conditioning.with_x_self(cond, x_self)
   eps_hat = model.denoise(z_t, sched["logsnr_t"], cond, dropout_key=dropout_key).eps
   if cfg.num_steps_train:
     diffusion = losses.diffusion_loss_discrete(eps, eps_hat, sched["logsnr_t"],
@@ -155,10 +174,12 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, *, train: bool = True):
     cond = guidance.drop_for_training(cond, jax.random.fold_in(rng, 1), cfg.p_uncond,
                                       guidance.drop_label)
   net_params, sched_params = split_schedule_params(params)
+  self_cond_key = jax.random.fold_in(rng, 2) if train else None   # the 50% rule's draws
 
   def terms_fn(p, sched):
     model = nnx.merge(graphdef, _join(p, sched_params))
-    return _vlb_terms(model, batch["image"], sched, eps, eps_0, cond, cfg, dropout_key)
+    return _vlb_terms(model, batch["image"], sched, eps, eps_0, cond, cfg, dropout_key,
+                      self_cond_key)
 
   def values_fn(sp):
     model = nnx.merge(graphdef, _join(net_params, sp))
@@ -211,5 +232,5 @@ def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
   x = samplers.sample(denoise_fn, model.logsnr, (num,) + model.image_shape, rng,
                       num_steps=num_steps, sampler=sampler, eta=eta,
                       clip_x=samplers.static_clip() if clip else samplers.no_clip, cond=cond,
-                      solver_options=solver_options)
+                      solver_options=solver_options, self_condition=model.self_condition)
   return losses.x_to_int(x, model.num_levels)

@@ -6,12 +6,17 @@ output; `logsnr(t)` is the schedule. VDM models and Imagen stages are subclasses
 how they read a batch (`data_and_cond`) and how their conditioning is dropped for
 classifier-free guidance (`drop_conditioning`), which is all that distillation and guided
 sampling need to know of them.
+
+Self-conditioning (Chen et al. 2022, sec. 3.2; `self_condition=True`): the network also sees
+the model's previous estimate of x, cond["x_self"] (zeros when absent), concatenated to z on
+the channel axis (vdm/self_conditioning.py); the network is built with twice the input
+channels of z and the output channels of a plain model.
 """
 
 import jax
 from flax import nnx
 
-from vdm import process
+from vdm import process, self_conditioning
 
 
 class DiffusionModel(nnx.Module):
@@ -19,16 +24,18 @@ class DiffusionModel(nnx.Module):
   grey levels per channel."""
 
   def __init__(self, net: nnx.Module, schedule: nnx.Module, parameterization: str,
-               num_levels: int, image_shape: tuple):
+               num_levels: int, image_shape: tuple, *, self_condition: bool = False):
     if parameterization not in process.PARAMETERIZATIONS:
       raise ValueError(f"unknown parameterization {parameterization!r}; choose one of "
                        f"{process.PARAMETERIZATIONS}")
     self.net, self.schedule = net, schedule
     self.parameterization = parameterization
     self.num_levels, self.image_shape = num_levels, tuple(image_shape)
+    self.self_condition = bool(self_condition)
 
   def denoise(self, z, logsnr, cond=None, *, dropout_key=None) -> process.Prediction:
-    out = self.net(z, logsnr, cond, dropout_key=dropout_key)
+    net_in, cond = self_conditioning.network_input(z, cond, self.self_condition)
+    out = self.net(net_in, logsnr, cond, dropout_key=dropout_key)
     return process.predict(z, logsnr, out, self.parameterization)
 
   def logsnr(self, t):

@@ -20,6 +20,7 @@ def stage_config(*, resolution: int, lowres_size: int, unet_preset: str,
       lowres_size=lowres_size,        # 0: base stage; else the previous stage's resolution
       crop_size=0,                    # > 0: train on random crops (Imagen's 256 -> 1024)
       guidance_embedding=False,       # the net also takes cond["guidance_w"] (distillation)
+      self_condition=False,           # the net also sees its previous x-hat (Chen et al. 2022)
       unet_preset=unet_preset,        # imagen.efficient_unet presets
       unet_overrides=ml_collections.ConfigDict(),
       scan_layers=True,               # ResBlock runs scanned over stacked parameters

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=0,                  # > 0: class-conditional on batch["label"]
       p_uncond=0.0,                   # class-conditional: null label this often (for CFG)
       guidance_embedding=False,       # the net also takes cond["guidance_w"] (distillation)
+      self_condition=False,           # the net also sees its previous x-hat (Chen et al. 2022)
       weighting="elbo",               # see vdm.losses.WEIGHTINGS; elbo trains the VLB
       weighting_params=ml_collections.ConfigDict(dict(
           sigmoid_bias=0.0, edm_mean=2.4, edm_std=2.4, sigma_data=0.5, min_snr_gamma=5.0)),

@@ -37,6 +37,8 @@ class ScoreUNet(nnx.Module):
 
   Args:
     channels: image channels C of z.
+    in_channels: channels of the net's input (default C; 2 C for a self-conditioned model,
+      whose input is [z, x_self], vdm/model.py); the base measure adds its first C.
     out_channels: output channels (default C; 2 C for the "both" parameterization).
     ch: width n_embd of every block; the embedding is 4 * ch wide.
     n_layer: number of down ResNet blocks (n_layer + 1 up blocks consume the skips).
@@ -66,7 +68,7 @@ class ScoreUNet(nnx.Module):
                num_classes: int | None = None, base_measure: bool = True,
                out_channels: int | None = None, guidance_embedding: bool = False,
                scan_layers: bool = True, remat: str = "none", dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               in_channels: int | None = None, rngs: nnx.Rngs):
     if gamma_max <= gamma_min:
       raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
     if n_layer < 0:
@@ -77,6 +79,7 @@ class ScoreUNet(nnx.Module):
                        f"channels = {channels}, got out_channels={out_channels}; it is for "
                        f"the eps-parameterization only: pass base_measure=False")
     self.channels, self.out_channels, self.ch, self.dtype = channels, out_channels, ch, dtype
+    self.in_channels = channels if in_channels is None else in_channels
     self.gamma_min, self.gamma_max = gamma_min, gamma_max
     self.base_measure = base_measure
     self.exponents = tuple(range(fourier_min, fourier_max + 1)) if use_fourier else ()
@@ -86,7 +89,7 @@ class ScoreUNet(nnx.Module):
     self.class_emb = (layers.ClassEmbedding(num_classes, emb_dim, rngs=rngs)
                       if num_classes is not None else None)
 
-    in_ch = channels * (1 + 2 * len(self.exponents))
+    in_ch = self.in_channels * (1 + 2 * len(self.exponents))
     self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
 
     block = lambda cin, r: layers.ResBlock(cin, ch, emb_dim, dropout=dropout, dtype=dtype,
@@ -122,7 +125,7 @@ class ScoreUNet(nnx.Module):
     return emb
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
-    logsnr = layers.check_inputs(z, logsnr, self.channels, "ScoreUNet")
+    logsnr = layers.check_inputs(z, logsnr, self.in_channels, "ScoreUNet")
     allowed = (("label",) if self.class_emb is not None else ()) + (
         ("guidance_w",) if self.guidance_emb is not None else ())
     cond = layers.check_cond_keys(cond, allowed, "ScoreUNet")
@@ -156,4 +159,4 @@ class ScoreUNet(nnx.Module):
     h, _ = self.up(up, h, (skips[::-1], up_keys))
 
     h = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
-    return z + h if self.base_measure else h
+    return z[..., :self.channels] + h if self.base_measure else h

@@ -60,6 +60,8 @@ class UNet(nnx.Module):
 
   Args:
     channels: image channels C of z.
+    in_channels: channels of the net's input (default C; 2 C for a self-conditioned model,
+      whose input is [z, x_self], vdm/model.py).
     out_channels: output channels (default C; 2 C for the "both" parameterization).
     image_size: spatial size H (= W) the net is built for; attention placement refers to it.
     ch: base width; level i has ch * ch_mult[i] channels.
@@ -89,13 +91,15 @@ class UNet(nnx.Module):
                resample_with_conv: bool = True, num_classes: int | None = None,
                cond_dim: int | None = None, out_channels: int | None = None,
                guidance_embedding: bool = False, scan_layers: bool = True,
-               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+               remat: str = "none", dtype=jnp.float32, in_channels: int | None = None,
+               rngs: nnx.Rngs):
     levels = len(ch_mult)
     if levels < 1 or image_size % 2 ** (levels - 1):
       raise ValueError(f"image_size={image_size} must be divisible by 2^(len(ch_mult)-1)="
                        f"{2 ** (levels - 1)}; drop a level from ch_mult={tuple(ch_mult)}")
     self.channels, self.ch, self.dtype = channels, ch, dtype
     self.out_channels = channels if out_channels is None else out_channels
+    self.in_channels = channels if in_channels is None else in_channels
     self.levels = levels
     emb_ch = 4 * ch if emb_ch is None else emb_ch
     block = lambda cin, cout, r: layers.ResBlock(cin, cout, emb_ch, dropout=dropout,
@@ -119,7 +123,7 @@ class UNet(nnx.Module):
     self.cond_dim = cond_dim
 
     # Down path: record the channel count of every skip it produces.
-    self.conv_in = layers.conv(channels, ch, dtype=dtype, rngs=rngs)
+    self.conv_in = layers.conv(self.in_channels, ch, dtype=dtype, rngs=rngs)
     skip_ch, cur, size = [ch], ch, image_size
     down, downsamples = [], []
     for level, mult in enumerate(ch_mult):
@@ -185,7 +189,7 @@ class UNet(nnx.Module):
     return emb
 
   def __call__(self, z, logsnr, cond=None, *, dropout_key=None):
-    logsnr = layers.check_inputs(z, logsnr, self.channels, "UNet")
+    logsnr = layers.check_inputs(z, logsnr, self.in_channels, "UNet")
     factor = 2 ** (self.levels - 1)
     if z.shape[1] % factor or z.shape[2] % factor:
       raise ValueError(f"UNet: H, W = {z.shape[1:3]} must be divisible by {factor} "
