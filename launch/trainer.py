@@ -115,7 +115,10 @@ def check_phema_resume(ckpt: checkpoint_lib.Checkpointer, config):
   step 1), so enabling, disabling or changing optim.phema.stds on resume is an error."""
   if ckpt.latest_step() is None:
     return
-  saved = train_state.phema_stds(ckpt.restore_config().optim)
+  try:
+    saved = train_state.phema_stds(ckpt.restore_config().optim)
+  except checkpoint_lib.CheckpointError:
+    return    # no readable config: the restore that follows reports what is wrong
   wanted = train_state.phema_stds(config.optim)
   if saved != wanted:
     describe = lambda stds: f"stds {list(stds)}" if stds else "disabled"

@@ -237,6 +237,27 @@ def test_train_step_snapshots_and_resume(tmp_path):
   np.testing.assert_array_equal(resumed, stored[7])
 
 
+def test_snapshots_on_gcs(gcs_dir):
+  """The same storage through gs:// (the local emulator): a snapshot written and read back."""
+  config = _toy_config(every=1)
+  tx = train_state.make_optimizer(config.optim, total_steps=1)
+  state = train_state.init_state({"w": jnp.arange(12.0).reshape(3, 4)}, tx, seed=0)
+  state, _ = jax.jit(train_state.make_train_step(_toy_loss_and_grads, tx, ema_decay=0.9))(
+      state, {"target": jnp.ones((3, 4))})
+  writer = phema_snapshots.Writer(gcs_dir, 1, 1)
+  assert writer.maybe_save(1, state, config)
+  writer.close()
+  assert phema_snapshots.saved_steps(gcs_dir) == [1]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  abstract = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))}
+  reader = phema_snapshots.Reader(gcs_dir)
+  got = reader.profiles(1, abstract, mesh)
+  reader.close()
+  for profile in got:   # t = 1: beta = 0, every profile is the params after the update
+    np.testing.assert_array_equal(profile["w"], state["params"]["w"])
+
+
 def test_phema_settings_cannot_change_on_resume(tmp_path):
   on = _toy_config(every=3)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
