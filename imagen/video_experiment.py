@@ -118,7 +118,13 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
             tsr_fill=cfg.get("tsr_fill", "repeat"))
   kwargs = dict(video_unet_config(cfg.unet_preset))
   kwargs.update(dict(cfg.unet_overrides))
-  kwargs.update(channels=shape[-1], image_size=shape[1], text_dim=cfg.text_dim,
+  crop = tuple(cfg.get("crop_size", ()) or ())
+  if crop and not sr["lowres_size"]:
+    raise ValueError(f"model.crop_size={crop}: only spatial super-resolution stages (with "
+                     "model.lowres_size) train on crops; set crop_size=() for this stage")
+  # Level sizes (attention resolutions) are named at the training frame height: the crop's.
+  kwargs.update(channels=shape[-1], image_size=crop[0] if crop else shape[1],
+                text_dim=cfg.text_dim,
                 fps_cond=cfg.fps_cond, scan_layers=cfg.scan_layers, remat=cfg.remat,
                 lowres_cond=bool(sr["lowres_size"] or sr["lowres_frames"]),
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),
@@ -175,8 +181,9 @@ def stage_cond(model: VideoStage, batch, rng, cfg, *, train: bool, text_encoder=
 
 
 def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
-  """Weighted denoising loss over whole clips (cfg.weighting, v-MSE by default), in units of
-  nats/(dim ln 2), with joint image examples when cfg.joint_image_fraction > 0."""
+  """Weighted denoising loss over whole clips, or random crops of them (cfg.crop_size)
+  (cfg.weighting, v-MSE by default), in units of nats/(dim ln 2), with joint image examples
+  when cfg.joint_image_fraction > 0."""
   k_t, k_eps, k_cond, k_drop, k_joint = jax.random.split(rng, 5)
 
   def loss_fn(p):
@@ -184,6 +191,8 @@ def loss_and_grads(graphdef, params, batch, rng, cfg, text_encoder=None):
     x, is_image = stage_videos(model, batch), None
     if cfg.joint_image_fraction > 0:
       x, is_image = joint_images(k_joint, x, cfg.joint_image_fraction)
+    if cfg.get("crop_size", ()):   # Imagen Video's ssr3: random crops, whole frames sampled
+      x = video_sr.random_crops(model, x, jax.random.fold_in(k_joint, 1), cfg.crop_size)
     cond = stage_cond(model, batch, k_cond, cfg, train=True, text_encoder=text_encoder,
                       is_image=is_image, x=x)
     loss = denoising_loss(model, x, cond, (k_t, k_eps, k_drop), cfg)

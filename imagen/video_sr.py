@@ -90,23 +90,32 @@ def check_stage(image_shape, lowres_size: int, lowres_frames: int, fill: str):
     raise ValueError(f"model.tsr_fill={fill!r}: choose one of {FILLS}")
 
 
+def spatial_factor(model) -> int:
+  """How many times larger the stage's frames are than its input's (1: no SSR)."""
+  return model.image_shape[1] // model.lowres_size if model.lowres_size else 1
+
+
 def low_clip(model, x):
-  """The low-resolution clip of the stage's clips x [B, F, H, W, C]: every k-th frame,
-  area-downsampled to the previous stage's frame size."""
-  f_low, h_low, w_low, _ = low_shape(model)
+  """The low-resolution clip of the stage's clips x [B, F, H, W, C] (whole frames or
+  training crops): every k-th frame, area-downsampled by the stage's spatial factor."""
+  f_low, factor = low_shape(model)[0], spatial_factor(model)
   x = x[:, ::x.shape[1] // f_low]
-  return area_downsample(x, h_low, w_low) if h_low != x.shape[2] else x
+  return area_downsample(x, x.shape[2] // factor, x.shape[3] // factor) if factor > 1 else x
 
 
-def upsampled(model, x_low):
+def upsampled(model, x_low, size=None):
   """The previous stage's clips [B, F_low, h_low, w_low, C] brought to the stage's shape
   (bilinear per frame, then frames placed and filled): the conditioning before
-  augmentation."""
-  frames, height, width, _ = model.image_shape
-  if tuple(x_low.shape[1:]) != low_shape(model):
-    raise ValueError(f"this stage conditions on clips of shape {low_shape(model)} (frames, "
-                     f"height, width, channels: the previous stage's output), got "
-                     f"{tuple(x_low.shape[1:])}")
+  augmentation. `size` (H, W): the frame size of training crops (default: whole frames)."""
+  frames = model.image_shape[0]
+  if size is None:
+    height, width = model.image_shape[1:3]
+    if tuple(x_low.shape[1:]) != low_shape(model):
+      raise ValueError(f"this stage conditions on clips of shape {low_shape(model)} (frames, "
+                       f"height, width, channels: the previous stage's output), got "
+                       f"{tuple(x_low.shape[1:])}")
+  else:
+    height, width = size
   if x_low.shape[2:4] != (height, width):
     x_low = upsample_frames(x_low, height, width)
   if x_low.shape[1] != frames:
@@ -114,16 +123,35 @@ def upsampled(model, x_low):
   return x_low
 
 
+def random_crops(model, x, rng, crop_size):
+  """Per-clip random (h, w) = crop_size windows of x [B, F, H, W, C], the same window in
+  every frame, with corners on the stage's spatial-factor grid so that area-downsampling a
+  crop equals cropping the downsampled clip (Imagen's 256 -> 1024 recipe, which Imagen
+  Video's ssr3 follows at 1280x768, sec. 2.3)."""
+  b, f, h, w, c = x.shape
+  (ch, cw), factor = crop_size, spatial_factor(model)
+  if ch > h or cw > w or ch % factor or cw % factor:
+    raise ValueError(f"model.crop_size={tuple(crop_size)} must fit in the {h}x{w} frames and "
+                     f"be a multiple of the stage's upsampling factor {factor}")
+  k_y, k_x = jax.random.split(rng)
+  ys = jax.random.randint(k_y, (b,), 0, (h - ch) // factor + 1) * factor
+  xs = jax.random.randint(k_x, (b,), 0, (w - cw) // factor + 1) * factor
+  return jax.vmap(lambda clip, y, x0: jax.lax.dynamic_slice(clip, (0, y, x0, 0),
+                                                            (f, ch, cw, c)))(x, ys, xs)
+
+
 def training_input(model, x, is_image=None):
-  """The conditioning clip (before augmentation) of the stage's clips x: low_clip then
-  upsampled; examples flagged is_image [B] keep all their frames as known frames."""
-  up = upsampled(model, low_clip(model, x))
+  """The conditioning clip (before augmentation) of the stage's clips x (whole frames or
+  training crops): low_clip then upsampled; examples flagged is_image [B] keep all their
+  frames as known frames."""
+  up = upsampled(model, low_clip(model, x), size=x.shape[2:4])
   if is_image is None or not model.lowres_frames:
     return up
   own = x
   if model.lowres_size:
-    _, h_low, w_low, _ = low_shape(model)
-    own = upsample_frames(area_downsample(x, h_low, w_low), *x.shape[2:4])
+    factor = spatial_factor(model)
+    own = upsample_frames(area_downsample(x, x.shape[2] // factor, x.shape[3] // factor),
+                          *x.shape[2:4])
   return jnp.where(is_image.reshape((-1, 1, 1, 1, 1)), own, up)
 
 

@@ -296,3 +296,59 @@ def test_video_measures_score_a_cascade_stage_at_the_data_scale_and_frame_times(
   np.testing.assert_array_equal(reference, real[:, [0, 2]])
   with pytest.raises(ValueError, match="do not divide"):
     video_eval.at_reference_scale(np.zeros((1, 3, 2, 2, 1)), real)
+
+
+def test_ssr_training_crops_condition_on_the_matching_crop_of_the_low_res_clip():
+  """Imagen Video's ssr3 trains on random crops: each clip's crop sits on the upsampling
+  factor's grid, the same window in every frame, and its low-res input equals that window
+  of the whole clip's low-res input (found here by searching the clip for the crop)."""
+  c = _tiny("ssr_runlocal")                      # 32x32 frames from 16x16: factor 2
+  stage = _stage(c, (16, 32, 32, 1))
+  x = RNG.uniform(-1, 1, (3, 16, 32, 32, 1)).astype(np.float32)
+  crops = np.asarray(video_sr.random_crops(stage, jnp.asarray(x), jax.random.key(3), (8, 16)))
+  assert crops.shape == (3, 16, 8, 16, 1)
+  low = np.asarray(video_sr.low_clip(stage, jnp.asarray(x)))
+  for b in range(3):
+    hits = [(y, x0) for y in range(32 - 8 + 1) for x0 in range(32 - 16 + 1)
+            if np.array_equal(x[b, :, y:y + 8, x0:x0 + 16], crops[b])]
+    assert len(hits) == 1 and hits[0][0] % 2 == 0 and hits[0][1] % 2 == 0, hits
+    y, x0 = hits[0][0] // 2, hits[0][1] // 2
+    np.testing.assert_allclose(video_sr.low_clip(stage, jnp.asarray(crops[b:b + 1]))[0],
+                               low[b, :, y:y + 4, x0:x0 + 8], atol=1e-6)
+  assert video_sr.training_input(stage, jnp.asarray(crops)).shape == crops.shape
+  with pytest.raises(ValueError, match="multiple of the stage's upsampling factor 2"):
+    video_sr.random_crops(stage, jnp.asarray(x), jax.random.key(3), (7, 16))
+
+
+def _conv_input_sizes(config, data_shape):
+  """The frame sizes (H, W) the net's convolutions see in one training step (traced only)."""
+  stage = _stage(config, data_shape)
+  graphdef, params = nnx.split(stage, nnx.Param)
+  batch = {"video": jnp.zeros((2,) + data_shape, jnp.int32),
+           "text_emb": jnp.zeros((2, 3, 32)), "text_mask": jnp.ones((2, 3), jnp.int32)}
+  jaxpr = jax.make_jaxpr(lambda p: video_experiment.loss_and_grads(
+      graphdef, p, batch, jax.random.key(0), config.model)[0])(params)
+  sizes = set()
+
+  def visit(jpr):
+    for eqn in jpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated" and eqn.invars[0].aval.ndim == 4:
+        sizes.add(tuple(eqn.invars[0].aval.shape[1:3]))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+  visit(jaxpr.jaxpr)
+  return sizes
+
+
+def test_ssr_crop_stage_trains_on_crops_and_samples_whole_frames():
+  """With model.crop_size the training step's convolutions run on the crops (16x16 here),
+  without it on whole 32x32 frames; the crop stage still samples whole frames."""
+  levels = dict(cross_attn_resolutions=(8,), temporal_conv_resolutions=(16, 8))
+  whole = _tiny("ssr_runlocal")
+  cropped = _tiny("ssr_runlocal", crop_size=(16, 16))
+  cropped.model.unet_overrides.update(levels)
+  assert max(_conv_input_sizes(whole, (16, 32, 32, 1))) == (32, 32)
+  assert max(_conv_input_sizes(cropped, (16, 32, 32, 1))) == (16, 16)
+  assert _stage(cropped, (16, 32, 32, 1)).image_shape == (16, 32, 32, 1)
+  with pytest.raises(ValueError, match="only spatial super-resolution stages"):
+    _stage(_tiny("tsr_runlocal", crop_size=(8, 8)), (16, 32, 32, 1))

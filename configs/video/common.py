@@ -5,7 +5,7 @@ import ml_collections
 
 from configs.imagen import common as imagen_common
 
-# Imagen stage keys that a video stage does not read (video stages do not train on crops).
+# Imagen stage keys that a video stage reads differently (its crop_size is (H, W), below).
 _IMAGE_ONLY_KEYS = ("crop_size",)
 
 
@@ -33,6 +33,9 @@ def stage_config(*, num_frames: int, resolution, unet_preset: str, text_dim: int
       fps_cond=False,                 # condition on the frame rate (cond["fps"] = fps)
       fps=0.0,                        # the clips' frame rate, when fps_cond
       joint_image_fraction=0.0,       # Ho et al. sec. 3.2: share of examples made images
+      # (H, W) of random training crops, the same window in every frame (SR stages without
+      # spatial attention; Imagen Video's ssr3); sampling is on whole frames. (): no crops.
+      crop_size=(),
   )
   c.model = ml_collections.ConfigDict(model)
   return c

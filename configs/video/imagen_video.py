@@ -17,13 +17,14 @@ The cascade (sec. 2.2, figure 6), frames x width x height at a frame rate:
   ssr2   32 x 320x192 6 fps  80x48 (SSR 4x)           convolution       self + text at 24
   tsr2   64 x 320x192 12 fps 32 frames (TSR 2x)       convolution       text at 24
   tsr3  128 x 320x192 24 fps 64 frames (TSR 2x)       convolution       text at 24
-  ssr3  128 x 1280x768 24 fps 320x192 (SSR 4x)        convolution       text at 96
+  ssr3  128 x 1280x768 24 fps 320x192 (SSR 4x)        convolution       text at 96 (24 in its 192x320 training crops)
 (spatial attention sizes are frame heights: the levels of a 24-high frame are 24, 12, 6, 3).
 What the paper says (sec. 2.3): the base model uses temporal attention, the SR models
 temporal convolutions ("for memory efficiency ... instead of attention"); "the base model and
 the first two SSR models have spatial attention in addition to spatial convolutions", and the
 models at the highest resolution are fully convolutional (ssr3, which the paper trains on
-random crops; video stages here do not crop, see below). Every model: v-parameterization
+random crops: here 192x320 crops of its 768x1280 frames, the matching 48x80 crops of its
+input, the same window in all 128 frames; it samples whole frames). Every model: v-parameterization
 (sec. 2.4), noise conditioning augmentation of its input (sec. 2.5; sampled at a fixed SNR
 "such as 3 or 5": t_aug = 1/3 is SNR 3 on the cosine schedule), classifier-free guidance
 (sec. 2.6), T5-XXL text (4096-d, frozen; encode once with `python -m launch.encode_text`).
@@ -44,8 +45,7 @@ Data: clips of 128 frames at 24 fps, 1280x768 (5.3 s); each stage takes every k-
 and area-downsamples (the base: every 8th frame, 32x32 pixel means). `video_jsonl` crops
 frames square when given a frame_size, so store the videos at 1280x768 and leave
 video_options.frame_size unset. Optimizer and batch are ours (the paper gives none): Adam,
-lr 1e-4, 10k warmup, batch 256, EMA 0.9999. Not done here: ssr3's training on random crops
-(the paper's memory fix at 1280x768).
+lr 1e-4, 10k warmup, batch 256, EMA 0.9999.
 
 Args: base, tsr1, ssr1, ssr2, tsr2, tsr3, ssr3; each with _runlocal, which runs that kind of
 stage (base, TSR or SSR) of configs/video/digits_cascade.py on the moving digits.
@@ -66,6 +66,9 @@ STAGES = {
     "ssr3": (128, (768, 1280), 24, 0, 192),
 }
 SPATIAL_ATTENTION = ("base", "ssr1", "ssr2")   # sec. 2.3
+# Stages trained on random crops, (H, W) in their own pixels (a quarter of each side, as
+# Imagen trains its 256 -> 1024 stage on 256 x 256 crops; the paper gives no size).
+CROPS = {"ssr3": (192, 320)}
 PAPER_TOTAL_PARAMS = 11.6e9
 
 
@@ -95,7 +98,10 @@ def get_config(arg=None):
   frames, (height, width), fps, lowres_frames, lowres_size = STAGES[name]
   c = stage_config(num_frames=frames, resolution=(height, width), unet_preset="tiny_video",
                    text_dim=T5_XXL_DIM, lowres_size=lowres_size, lowres_frames=lowres_frames)
-  c.model.unet_overrides.update(_unet(name, height))
+  crop = CROPS.get(name, ())
+  # Level sizes are named at the training size (the crop's), as for Imagen's crop stage.
+  c.model.unet_overrides.update(_unet(name, crop[0] if crop else height))
+  c.model.crop_size = crop
   c.model.fps = float(fps)           # documentation of the stage's rate; fps_cond is off
   c.model.sample_aug_level = 1 / 3 if name != "base" else 0.0
   c.data.update(dict(name="video_jsonl:/path/to/videos/{split}.jsonl", train_split="train",
