@@ -25,6 +25,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import app, flags
 
@@ -208,7 +209,9 @@ def main(argv):
   out_setup = output_setup(setup)
   for out, params, report in zip(outs, totals, reports):
     if checkpoint_lib.saved_steps(out):     # --overwrite
-      (fs.path(out) / "checkpoints").rmtree()
+      if distributed.is_main_process():
+        (fs.path(out) / "checkpoints").rmtree()
+      multihost_utils.sync_global_devices(f"phema: cleared {out}")
     write_workdir(out_setup, step, params, out, report)
     logging.info("std %.3f (exponent %.2f, profile error %.4f) -> %s", report["std"],
                  report["exponent"], report["relative_profile_error"], out)

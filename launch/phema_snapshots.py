@@ -108,12 +108,16 @@ class Reader:
     self._ckpt = checkpoint_lib.Checkpointer(directory(workdir), save_every=1,
                                              keep=_KEEP_ALL, read_only=True)
     self.steps = self._ckpt.all_steps()
+    self._stds = {}
 
   def config(self, step: int):
     return self._ckpt.restore_config(step)
 
   def stds(self, step: int) -> tuple[float, ...]:
-    return tuple(float(s) for s in self.config(step).optim.phema.stds)
+    """The stds of the snapshot's profiles, in order (from the config saved with it)."""
+    if step not in self._stds:
+      self._stds[step] = tuple(float(s) for s in self.config(step).optim.phema.stds)
+    return self._stds[step]
 
   def time(self, step: int, abstract_params, mesh) -> int:
     """The profiles' update count t at a snapshot (the step, unless updates were skipped)."""
