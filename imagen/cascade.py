@@ -9,8 +9,10 @@ each noise-augmented to the stage's aug_level.
 Pure of where it runs: `place` puts a host batch onto devices (the launch side shards it over
 the mesh's data axes, padding the batch) and `compile_fn(fn, *args)` compiles a stage, so the
 same loop samples on one CPU and on a pod slice. Per stage: the number of sampling steps,
-the guidance weight w (on text only: the low-res input is kept in both branches), the
-sampler, the x-hat hook and, for SR stages, the noise-augmentation level of the input.
+the guidance weight w (on text only: the low-res input is kept in both branches) and the
+logsnr interval where it applies (None: everywhere), the sampler, the x-hat hook and, for SR
+stages, the noise-augmentation level of the input; optionally a guide model per stage, which
+autoguides at weight w instead (vdm/guidance.py).
 """
 
 import collections
@@ -24,15 +26,18 @@ from flax import nnx
 from imagen import experiment, video_experiment
 
 StageSettings = collections.namedtuple(
-    "StageSettings", ["steps", "guidance_w", "sampler", "aug_level", "threshold"])
+    "StageSettings",
+    ["steps", "guidance_w", "sampler", "aug_level", "threshold", "guidance_interval"],
+    defaults=(None,))
 CascadeOutput = collections.namedtuple(
     "CascadeOutput", ["images", "compile_seconds", "sample_seconds"])
 
 
-def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: StageSettings):
+def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: StageSettings,
+                 guide=None):
   """`num` images (or clips, for a video stage) in [-1, 1] from one stage; cond holds the
   text and, for an SR stage, "lowres_image" (the previous stage's images or clips),
-  noise-augmented here to s.aug_level."""
+  noise-augmented here to s.aug_level; `guide`: a model of the same kind that autoguides."""
   k_aug, k_sample = jax.random.split(rng)
   cond = model.sampling_cond(cond, num)     # e.g. a video stage's frame rate
   if "lowres_image" in cond:
@@ -43,7 +48,8 @@ def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: St
     else:
       cond.update(experiment.lowres_cond(model, lowres, k_aug, t_aug))
   return experiment.sample(model, k_sample, cond, num, num_steps=s.steps,
-                           guidance_w=s.guidance_w, sampler=s.sampler, threshold=s.threshold)
+                           guidance_w=s.guidance_w, sampler=s.sampler, threshold=s.threshold,
+                           guidance_interval=s.guidance_interval, guide=guide)
 
 
 def is_super_resolution(model) -> bool:
@@ -53,13 +59,19 @@ def is_super_resolution(model) -> bool:
 
 def run_cascade(stages, text_cond: dict, num: int, settings, *, seed: int,
                 place=lambda tree: tree,
-                compile_fn=lambda fn, *args: jax.jit(fn).lower(*args).compile()):
+                compile_fn=lambda fn, *args: jax.jit(fn).lower(*args).compile(),
+                guides=None):
   """Runs every stage; returns a CascadeOutput of per-stage host images [num, H, W, C] (clips
   [num, F, H, W, C] for video stages) and compile / sampling seconds.
 
   stages: (graphdef, params) of each stage's model, base first; text_cond: host arrays
-  text_emb [num, L, D] and text_mask [num, L]; settings: a StageSettings per stage."""
+  text_emb [num, L, D] and text_mask [num, L]; settings: a StageSettings per stage; guides:
+  per stage None or the (graphdef, params) of its autoguidance guide (default: none)."""
   outputs, previous, compile_s, sample_s = [], None, [], []
+  guides = list(guides or [None] * len(stages))
+  if len(guides) != len(stages):
+    raise ValueError(f"guides has {len(guides)} entries for {len(stages)} stages (one per "
+                     "stage, None where a stage has no guide)")
   for i, ((graphdef, params), s) in enumerate(zip(stages, settings)):
     cond = dict(text_cond)
     if is_super_resolution(nnx.merge(graphdef, params)):
@@ -69,10 +81,12 @@ def run_cascade(stages, text_cond: dict, num: int, settings, *, seed: int,
     cond = place(cond)
     padded = jax.tree.leaves(cond)[0].shape[0]   # `place` may pad the batch
 
-    def stage_fn(p, c, rng, graphdef=graphdef, s=s):
-      return sample_stage(nnx.merge(graphdef, p), c, rng, padded, s)
+    def stage_fn(p, c, rng, *g, graphdef=graphdef, s=s, guide=guides[i]):
+      guide_model = nnx.merge(guide[0], g[0]) if guide is not None else None
+      return sample_stage(nnx.merge(graphdef, p), c, rng, padded, s, guide_model)
 
-    args = (params, cond, jax.random.key(seed + i))
+    args = (params, cond, jax.random.key(seed + i)) + (
+        (guides[i][1],) if guides[i] is not None else ())
     start = time.perf_counter()
     fn = compile_fn(stage_fn, *args)
     compile_s.append(time.perf_counter() - start)

@@ -169,12 +169,18 @@ def denoising_loss(model, x, cond, keys, cfg):
 
 def sample(model: ImagenStage, rng, cond: dict, num: int, *, num_steps: int, guidance_w=0.0,
            sampler: str = "ddim", eta: float = 0.0, threshold: str = "dynamic",
-           percentile: float = 99.5, solver_options=None):
+           percentile: float = 99.5, guidance_interval=None, guide=None,
+           solver_options=None):
   """`num` images in [-1, 1] from this stage given its cond (text, and lowres for SR), with
-  any of samplers.SAMPLERS (solver_options: its options, e.g. config.eval.solver)."""
+  any of samplers.SAMPLERS (solver_options: its options, e.g. config.eval.solver):
+  classifier-free guided on the text at weight guidance_w or, with a `guide` stage (smaller
+  or less trained, same kind and shape), autoguided; only where logsnr lies in
+  guidance_interval (lo, hi) when given."""
   clip_x = samplers.clip_hook(threshold, percentile)
-  denoise = guidance.guided(lambda z, lam, c: model.denoise(z, lam, c), guidance_w,
-                            guidance.drop_text)
+  denoise = guidance.guided_denoiser(
+      lambda z, lam, c: model.denoise(z, lam, c), guidance_w, drop=guidance.drop_text,
+      interval=guidance_interval,
+      guide_fn=None if guide is None else (lambda z, lam, c: guide.denoise(z, lam, c)))
   return samplers.sample(denoise, model.logsnr, (num,) + model.image_shape, rng,
                          num_steps=num_steps, sampler=sampler, eta=eta, clip_x=clip_x,
                          cond=cond, solver_options=solver_options,

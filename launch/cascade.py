@@ -61,16 +61,39 @@ def per_stage(values, n, name, cast):
   return [cast(v) for v in (values * n if len(values) == 1 else values)]
 
 
+def per_stage_intervals(text: str | None, n: int, flag: str = "--guidance_interval"):
+  """--guidance_interval of a cascade: None when not given (each stage's config decides),
+  else n intervals from one spec for every stage or one per stage separated by ';'
+  ("-2.1,2.5;none": the base guided in [-2.1, 2.5], the SR stage everywhere)."""
+  if text is None:
+    return None
+  specs = text.split(";")
+  if len(specs) not in (1, n):
+    raise config_flags.InputError(
+        f"{flag} {text!r} has {len(specs)} intervals for {n} stages: pass one for all, or "
+        f"one per stage separated by ';' (e.g. {flag}='-2.1,2.5;none')")
+  return [workdir_lib.parse_guidance_interval(spec, flag) for spec in specs * (n // len(specs))]
+
+
 def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, aug_levels,
-                threshold, seed, devices=None):
+                threshold, seed, devices=None, guidance_intervals=None, guides=None):
   """A CascadeResult: each stage's images in [-1, 1] ([N, H, W, C] numpy, N = prompts x
   num_per_prompt; clips [N, F, H, W, C] for video stages), configs, setups, EMA params, the
   prompts' text conditioning (host arrays, one row per sample), and per stage the seconds
   spent compiling and sampling (text encoding excluded). `devices`: the mesh's devices
-  (default all)."""
+  (default all). Per stage (lists, default none): guidance_intervals, the logsnr interval
+  (lo, hi) of its guidance, () for everywhere, None for its config's
+  eval.guidance_interval; guides, None or (guide workdir or None for the stage's own, step
+  or None for the latest): the EMA model that autoguides the stage at its weight."""
   loaded = [workdir_lib.load_workdir(w, devices=devices) for w in stages]
   for _, _, ckpt in loaded:
     ckpt.close()
+  intervals = [None if v is None else tuple(v)
+               for v in (guidance_intervals or [None] * len(stages))]
+  intervals = [setup.config.eval.get("guidance_interval", ()) if v is None else v
+               for v, (setup, _, _) in zip(intervals, loaded)]
+  guide_models = [None if g is None else nnx.split(workdir_lib.load_guide(setup, w, *g))
+                  for g, w, (setup, _, _) in zip(guides or [None] * len(stages), stages, loaded)]
   base_config = loaded[0][0].config
   text_encoder = text_encoder_lib.load_text_encoder(base_config.data.t5,
                                                     max_length=base_config.data.max_length)
@@ -80,12 +103,14 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
   mesh = loaded[0][0].mesh
   shards = mesh_lib.batch_shards(mesh)
   settings = [cascade.StageSettings(steps[i], guidance[i], samplers_[i], aug_levels[i],
-                                    threshold) for i in range(len(stages))]
+                                    threshold, tuple(intervals[i]) or None)
+              for i in range(len(stages))]
   out = cascade.run_cascade(
       [(setup.graphdef, state["ema"]) for setup, state, _ in loaded], text_cond, len(captions),
       settings, seed=seed, place=lambda tree: mesh_lib.shard_batch(mesh, tree, shards),
       compile_fn=lambda fn, *args: jax.jit(
-          fn, out_shardings=mesh_lib.replicated(mesh)).lower(*args).compile())
+          fn, out_shardings=mesh_lib.replicated(mesh)).lower(*args).compile(),
+      guides=guide_models)
   for i, x in enumerate(out.images):
     logging.info("Stage %d (%s): %d samples of %s, %d steps in %.2f s (compile %.1f s)", i,
                  stages[i], len(captions), "x".join(map(str, x.shape[1:])), steps[i],

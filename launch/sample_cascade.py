@@ -4,7 +4,7 @@ super-resolution stage.
   python -m launch.sample_cascade --stages runs/imagen_base,runs/imagen_sr \
       --prompts "a handwritten digit seven,the number 3" --num_per_prompt 4 \
       [--steps 64,32] [--guidance 3,0] [--sampler ddim,ddim] [--aug_level 0,0.1] \
-      [--out runs/cascade [--overwrite]]
+      [--guidance_interval '-2.1,2.5;none'] [--out runs/cascade [--overwrite]]
 
 Each stage is a training workdir (its saved config rebuilds the model; EMA params). Prompts
 are encoded once, with the text encoder named by the base stage's config (data.t5: the same
@@ -13,6 +13,10 @@ a video stage's clips (Imagen Video's base, temporal and spatial SR stages) as a
 GIF, an MP4 (both a grid of the clips playing in step, at the stage's model.fps when its
 config sets one, else 8 fps) and a PNG filmstrip (one row per clip), named
 stageI_FxHxW.{gif,mp4,png}. Per-stage options take one value per stage, or one value for all.
+--guidance_interval restricts each stage's guidance to a logsnr interval (Kynkaanniemi et al.
+2024; vdm/guidance.py): "lo,hi", "sigma:lo,hi" (EDM's sigma) or "none" (everywhere), one
+for all stages or one per stage separated by ';'; not given, each stage's
+config.eval.guidance_interval applies.
 
 Earlier outputs are never overwritten silently: without --out, a run whose default folder
 (the last stage's workdir/cascade) already holds images writes to cascade_1, cascade_2, ...
@@ -42,6 +46,10 @@ _SAMPLER = flags.DEFINE_list("sampler", ["ddim"], "One of vdm.samplers.SAMPLERS 
                              "ancestral, heun, dpmpp_2m, pc) per stage.")
 _AUG = flags.DEFINE_list("aug_level", ["0.0"], "Noise-augmentation level t_aug of the "
                          "low-resolution input, per SR stage (the base ignores it).")
+_INTERVAL = flags.DEFINE_string("guidance_interval", None, "Guide only where logsnr is in "
+                                "lo,hi (sigma:lo,hi in EDM's sigma; none: everywhere), one "
+                                "for all stages or ';'-separated per stage. Default: each "
+                                "stage's config.eval.guidance_interval.")
 _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "none"],
                                "x-hat thresholding.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: the last stage's "
@@ -79,6 +87,7 @@ def main(argv):
     raise config_flags.InputError(
         f"{e}. --guidance and --aug_level take numbers, --steps whole numbers; per-stage "
         "flags take one value per stage or one for all.") from None
+  intervals = cascade.per_stage_intervals(_INTERVAL.value, n)
   for stage in stages:
     checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
   out_dir = config_flags.fresh_output(_OUT.value or fs.join(stages[-1], "cascade"),
@@ -87,7 +96,7 @@ def main(argv):
   distributed.initialize()
   outputs, _, setups, *_ = cascade.run_cascade(
       stages, prompts, num_per_prompt=_NUM.value, **options,
-      threshold=_THRESHOLD.value, seed=_SEED.value)
+      threshold=_THRESHOLD.value, seed=_SEED.value, guidance_intervals=intervals)
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
       fps = int(round(setup.config.model.get("fps", 0) or 0)) or 8

@@ -4,6 +4,7 @@ r"""Text-to-video with a trained video stage: clips for prompts, as GIF, MP4 and
       --prompts "the digit 3 moving left,a 7 bouncing around" --num_per_prompt 4 \
       [--steps 64] [--guidance 1.0] [--sampler ddim] [--fps 8] [--out DIR [--overwrite]]
       [--extend_to 24 [--num_known 4] [--w_r 2.0]]
+      [--guidance_interval LO,HI | sigma:LO,HI | none] [--guide_workdir W2] [--guide_step N]
 
 The stage's saved config rebuilds it (EMA params of the latest checkpoint, or --step); the
 prompts are encoded by the text encoder its config names (data.t5, the one its text cache
@@ -12,6 +13,13 @@ axes, so this samples the same clips on one device and on a pod slice. Written t
 (default WORKDIR/videos, numbered when taken): videos.gif and videos.mp4 (one row per
 prompt, the clips of a prompt side by side, playing in step), videos.png (one row per clip,
 its frames left to right) and prompts.txt.
+
+Guidance (vdm/guidance.py): classifier-free on the text at --guidance; with --guide_workdir
+and/or --guide_step, autoguidance at that weight instead (Karras et al. 2024): the EMA model of
+a weaker video stage of the same shape (its latest checkpoint or --guide_step), or of an
+earlier checkpoint of this stage (--guide_step alone). --guidance_interval restricts either
+to a logsnr interval (Kynkaanniemi et al. 2024; default config.eval.guidance_interval).
+The extension below keeps classifier-free guidance, everywhere.
 
 --extend_to N continues each clip autoregressively to N frames (beyond the length the stage
 was trained on) by reconstruction guidance (Ho et al. 2022, sec. 3.1, eq. 7): every round
@@ -26,6 +34,7 @@ from absl import flags
 from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs, metric_writer, videos
+from launch import workdir as workdir_lib
 from vdm import losses, samplers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A video stage's training workdir.",
@@ -39,6 +48,13 @@ _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Guidance weight w (guided = (1 
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", samplers.SAMPLERS, "Sampler.")
 _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "none"],
                                "x-hat thresholding.")
+_INTERVAL = flags.DEFINE_string("guidance_interval", None, "Guide only where logsnr is in "
+                                "lo,hi (sigma:lo,hi in EDM's sigma; none: everywhere). "
+                                "Default: config.eval.guidance_interval.")
+_GUIDE_WORKDIR = flags.DEFINE_string("guide_workdir", None, "Autoguidance: the workdir of a "
+                                     "weaker video stage of the same shape.")
+_GUIDE_STEP = flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint "
+                                   "step (alone: an earlier checkpoint of --workdir).")
 _FPS = flags.DEFINE_integer("fps", 8, "Frame rate of the GIF and MP4 files.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/videos).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -66,6 +82,12 @@ def main(argv):
   metric_writer.setup_logging()
   prompts = cascade.read_prompts(_PROMPTS.value, _PROMPTS_FILE.value)
   checkpoint_lib.require_checkpoint(_WORKDIR.value)
+  interval = workdir_lib.parse_guidance_interval(_INTERVAL.value)
+  guide = None
+  if _GUIDE_WORKDIR.value or _GUIDE_STEP.value is not None:
+    guide = (_GUIDE_WORKDIR.value, _GUIDE_STEP.value)
+    checkpoint_lib.require_checkpoint(_GUIDE_WORKDIR.value or _WORKDIR.value, _GUIDE_STEP.value,
+                                      flag="--guide_workdir", step_flag="--guide_step")
   out_dir = config_flags.fresh_output(_OUT.value or fs.join(_WORKDIR.value, "videos"),
                                       chosen=_OUT.value is not None,
                                       overwrite=_OVERWRITE.value)
@@ -74,7 +96,8 @@ def main(argv):
   result = cascade.run_cascade(
       [_WORKDIR.value], prompts, num_per_prompt=_NUM.value, steps=[_STEPS.value],
       guidance=[_GUIDANCE.value], samplers_=[_SAMPLER.value], aug_levels=[0.0],
-      threshold=_THRESHOLD.value, seed=_SEED.value)
+      threshold=_THRESHOLD.value, seed=_SEED.value, guidance_intervals=[interval],
+      guides=[guide])
   clips = result.images[-1]
   outputs = {"videos": clips}
   if _EXTEND_TO.value:

@@ -16,7 +16,7 @@ from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distributed, families, fs, images, mesh as mesh_lib, videos
 from launch import setup as setup_lib
 from launch.data import pipeline
-from vdm import likelihood
+from vdm import guidance, likelihood
 
 
 def evaluate_bpd(setup: setup_lib.Setup, params, *, split: str, rng, method: str = "vlb",
@@ -118,10 +118,12 @@ class FirstExamples:
     return f"FirstExamples({self.source!r}, {self.n})"
 
 
-def sample_images(setup: setup_lib.Setup, params, rng, *, num: int,
-                  num_steps: int) -> np.ndarray:
+def sample_images(setup: setup_lib.Setup, params, rng, *, num: int, num_steps: int,
+                  guide: nnx.Module | None = None) -> np.ndarray:
   """`num` samples as integer levels, gathered on every process. Conditional families take
-  their conditioning (labels, captions) from the first `num` examples of the eval split."""
+  their conditioning (labels, captions) from the first `num` examples of the eval split.
+  `guide` (see `load_guide`): a weaker model of the same family that autoguides at weight
+  config.eval.guidance_w in place of classifier-free guidance."""
   config = setup.config
   source = setup_lib.data_source(config, config.data.eval_split, setup.workdir)
   examples = [source[i] for i in range(min(num, len(source)))]
@@ -132,13 +134,61 @@ def sample_images(setup: setup_lib.Setup, params, rng, *, num: int,
       host[key] = host[key].astype(np.int32)
   replicated = mesh_lib.replicated(setup.mesh)
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
-  fn = setup_lib.cached_jit(setup, ("sample", num_steps),
-                   lambda p, b, r, *f: setup.family.sample(
+  guide_graphdef, guide_state = nnx.split(guide) if guide is not None else (None, None)
+  fn = setup_lib.cached_jit(setup, ("sample", num_steps, guide_graphdef),
+                   lambda p, b, r, g, *f: setup.family.sample(
                        setup_lib.model_with(setup, p), r, b, config,
-                       *setup_lib.frozen_modules(setup, *f),
-                       num_steps=num_steps),
+                       *setup_lib.frozen_modules(setup, *f), num_steps=num_steps,
+                       **({} if g is None else {"guide": nnx.merge(guide_graphdef, g)})),
                    out_shardings=replicated)
-  return np.asarray(jax.device_get(fn(params, batch, rng, *setup_lib.frozen_args(setup))))
+  return np.asarray(jax.device_get(fn(params, batch, rng, guide_state,
+                                      *setup_lib.frozen_args(setup))))
+
+
+def parse_guidance_interval(text: str | None, flag: str = "--guidance_interval"):
+  """A guidance interval from the command line: "lo,hi" in logsnr, "sigma:lo,hi" in EDM's
+  sigma (converted by vdm.guidance.logsnr_interval_from_sigma), "none" or "" for guidance
+  everywhere ((), which overrides the config), None (flag not given) for the config's."""
+  if text is None:
+    return None
+  spec = text.strip().lower()
+  if spec in ("", "none", "all"):
+    return ()
+  in_sigma = spec.startswith("sigma:")
+  try:
+    ends = tuple(float(v) for v in spec.removeprefix("sigma:").split(","))
+    if len(ends) != 2:
+      raise ValueError(f"two ends needed, got {len(ends)}")
+    return (guidance.logsnr_interval_from_sigma(*ends) if in_sigma
+            else guidance.check_interval(ends))
+  except ValueError as e:
+    raise config_flags.InputError(
+        f"{flag} {text!r}: {e}. Pass lo,hi in logsnr (e.g. {flag}=-2.13,2.55), "
+        f"sigma:lo,hi in EDM's sigma (e.g. {flag}=sigma:0.28,2.9), or none.") from None
+
+
+def load_guide(setup: setup_lib.Setup, workdir: str, guide_workdir: str | None = None,
+               guide_step: int | None = None) -> nnx.Module:
+  """The autoguidance guide of the run in `workdir` (loaded as `setup`): the EMA model of
+  `guide_workdir` (default: `workdir` itself) at `guide_step` (default: its latest), read
+  only. Checked to be of the same family and data shape as the main model."""
+  guide_workdir = guide_workdir or workdir
+  if guide_workdir == workdir and guide_step is None:
+    raise config_flags.InputError("a guide needs --guide_workdir (another run) or "
+                                  "--guide_step (an earlier checkpoint of this run)")
+  checkpoint_lib.require_checkpoint(guide_workdir, guide_step, flag="--guide_workdir",
+                                   step_flag="--guide_step")
+  guide, guide_config = load_ema_model(guide_workdir, guide_step,
+                                       devices=setup.mesh.devices.flatten().tolist())
+  main = setup_lib.model_with(setup, setup.abstract_state["ema"])
+  found = (guide_config.family, tuple(guide.image_shape), guide.num_levels)
+  wanted = (setup.config.family, tuple(main.image_shape), main.num_levels)
+  if found != wanted:
+    raise config_flags.InputError(
+        f"the guide {guide_workdir} (step {guide_step or 'latest'}) is family / data shape / "
+        f"levels {found} but the model is {wanted}: autoguidance needs a guide of the same "
+        "family trained on the same data (a smaller or shorter run of the same config)")
+  return guide
 
 
 def write_samples(setup: setup_lib.Setup, samples, path: str) -> list[str]:

@@ -217,17 +217,20 @@ def _join(a: nnx.State, b: nnx.State) -> nnx.State:
 
 def sample(model: VDM, rng, num: int, *, num_steps: int, sampler: str = "ddim",
            eta: float = 0.0, clip: bool = True, labels=None, guidance_w: float = 0.0,
-           solver_options=None):
+           guidance_interval=None, guide: VDM | None = None, solver_options=None):
   """Draws `num` images as integer levels (0..num_levels-1) with any of samplers.SAMPLERS
   (solver_options: its options, e.g. config.eval.solver); with labels and guidance_w > 0,
-  classifier-free guided ((1 + w) cond - w uncond; the model must be trained with p_uncond)."""
+  classifier-free guided ((1 + w) cond - w uncond; the model must be trained with p_uncond);
+  with a `guide` model (a smaller or earlier VDM), autoguided instead ((1 + w) model - w
+  guide, conditional or not). Either only where logsnr lies in guidance_interval (lo, hi)."""
   cond = None if labels is None else {"label": labels}
 
   def denoise_fn(z, logsnr, c):
     return model.denoise(z, logsnr, c)
 
-  if labels is not None and guidance_w:
-    denoise_fn = guidance.guided(denoise_fn, guidance_w, guidance.drop_label)
+  denoise_fn = guidance.guided_denoiser(
+      denoise_fn, guidance_w, drop=guidance.drop_label if labels is not None else None,
+      interval=guidance_interval, guide_fn=None if guide is None else guide.denoise)
 
   x = samplers.sample(denoise_fn, model.logsnr, (num,) + model.image_shape, rng,
                       num_steps=num_steps, sampler=sampler, eta=eta,

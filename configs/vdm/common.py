@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
       # sample_steps is its budget of network evaluations (samplers.nfe: the exact count).
       batch_size=256, num_time_samples=1, num_samples=64, sample_steps=256, sampler="ddim",
       guidance_w=0.0,                 # class-conditional sampling: (1 + w) cond - w uncond
+      guidance_interval=(),           # (lo, hi) in logsnr: guide only there; (): everywhere
       max_examples=0,                 # 0: the whole split
       # Options of the solvers (vdm.solvers.SolverOptions): EDM Heun's churn, s_tmin,
       # s_tmax, s_noise, rho; PC's Langevin snr and corrector_steps; DPM-Solver++(2M)'s

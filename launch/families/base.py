@@ -17,8 +17,11 @@ import numpy as np
 class Family:
   """build_model(config, source, rngs) -> nnx.Module
   loss_and_grads(graphdef, params, batch, rng, config[, frozen]) -> (loss, metrics, grads)
-  sample(model, rng, batch, config[, frozen], *, num_steps) -> int images [B, H, W, C], one
-    per example of `batch` (eval examples that carry the conditioning: labels, text)
+  sample(model, rng, batch, config[, frozen], *, num_steps, guide=None) -> int images
+    [B, H, W, C], one per example of `batch` (eval examples that carry the conditioning:
+    labels, text), guided as config.eval says (guidance_w, guidance_interval); `guide`: a
+    weaker model of the same family (an earlier checkpoint, a smaller run) that autoguides
+    at weight guidance_w in place of classifier-free guidance (vdm/guidance.py)
   eval_terms(model, batch, rng, config) -> {"recon", "prior", "diffusion"} nats per example;
     None when the family has no likelihood (then training evaluates by samples)
   ode_terms(model, batch, rng, config, **options) -> {"ode"}: nats per example (or None)

@@ -35,8 +35,11 @@ def make_family(bases: dict) -> Family:
     return experiment.loss_and_grads(graphdef, params, batch, rng, _check(config),
                                      config.model, teacher)
 
-  def sample(model, rng, batch, config, teacher=None, *, num_steps):
+  def sample(model, rng, batch, config, teacher=None, *, num_steps, guide=None):
     del teacher
+    if guide is not None:
+      raise ValueError("autoguidance (a guide model) is not supported for distilled students: "
+                       "sample the teacher's workdir with the guide instead")
     return experiment.sample(model, rng, batch, config.distill, config.model,
                              num_steps=num_steps)
 

@@ -85,7 +85,7 @@ def _loss_and_grads(graphdef, params, batch, rng, config, encoder=None):
   return experiment.loss_and_grads(graphdef, params, batch, rng, config.model, encoder)
 
 
-def _sample(model, rng, batch, config, encoder=None, *, num_steps):
+def _sample(model, rng, batch, config, encoder=None, *, num_steps, guide=None):
   """One stage's samples for the batch's captions; an SR stage is given the real images
   downsampled to its input resolution (so each stage is judged on its own)."""
   k_cond, k_sample = jax.random.split(rng)
@@ -94,7 +94,8 @@ def _sample(model, rng, batch, config, encoder=None, *, num_steps):
   x = experiment.sample(model, k_sample, cond, batch["image"].shape[0], num_steps=num_steps,
                         guidance_w=config.eval.guidance_w, sampler=config.eval.sampler,
                         threshold=config.eval.threshold, percentile=config.eval.percentile,
-                        solver_options=config.eval.get("solver"))
+                        guidance_interval=config.eval.get("guidance_interval", ()),
+                        guide=guide, solver_options=config.eval.get("solver"))
   return losses.x_to_int(x, model.num_levels)
 
 

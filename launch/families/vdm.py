@@ -10,12 +10,13 @@ def _build(config, source, rngs):
                                 dtype=compute_dtype(config))
 
 
-def _sample(model, rng, batch, config, *, num_steps):
+def _sample(model, rng, batch, config, *, num_steps, guide=None):
   num = batch["image"].shape[0]
   labels = batch["label"] if config.model.num_classes else None
   return experiment.sample(model, rng, num, num_steps=num_steps, sampler=config.eval.sampler,
                            labels=labels, guidance_w=config.eval.get("guidance_w", 0.0),
-                           solver_options=config.eval.get("solver"))
+                           guidance_interval=config.eval.get("guidance_interval", ()),
+                           guide=guide, solver_options=config.eval.get("solver"))
 
 
 VDM = Family(

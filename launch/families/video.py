@@ -36,7 +36,7 @@ def _loss_and_grads(graphdef, params, batch, rng, config, encoder=None):
   return experiment.loss_and_grads(graphdef, params, batch, rng, config.model, encoder)
 
 
-def _sample(model, rng, batch, config, encoder=None, *, num_steps):
+def _sample(model, rng, batch, config, encoder=None, *, num_steps, guide=None):
   """One clip per example of the batch, for its caption: int levels [B, F, H, W, C]."""
   k_cond, k_sample = jax.random.split(rng)
   cond = experiment.stage_cond(model, batch, k_cond, config.model, train=False,
@@ -45,7 +45,8 @@ def _sample(model, rng, batch, config, encoder=None, *, num_steps):
                                num_steps=num_steps, guidance_w=config.eval.guidance_w,
                                sampler=config.eval.sampler, threshold=config.eval.threshold,
                                percentile=config.eval.percentile,
-                               solver_options=config.eval.get("solver"))
+                               guidance_interval=config.eval.get("guidance_interval", ()),
+                               guide=guide, solver_options=config.eval.get("solver"))
   return losses.x_to_int(x, model.num_levels)
 
 
