@@ -135,7 +135,10 @@ def sample_images(setup: setup_lib.Setup, params, rng, *, num: int, num_steps: i
   replicated = mesh_lib.replicated(setup.mesh)
   batch = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host.items()}
   guide_graphdef, guide_state = nnx.split(guide) if guide is not None else (None, None)
-  fn = setup_lib.cached_jit(setup, ("sample", num_steps, guide_graphdef),
+  # The eval section (sampler, solver options, guidance) is part of the key: a setup whose
+  # config.eval was changed after loading must not reuse the previous sampler.
+  fn = setup_lib.cached_jit(setup, ("sample", num_steps, guide_graphdef,
+                                    config.eval.to_json_best_effort(sort_keys=True)),
                    lambda p, b, r, g, *f: setup.family.sample(
                        setup_lib.model_with(setup, p), r, b, config,
                        *setup_lib.frozen_modules(setup, *f), num_steps=num_steps,

@@ -177,3 +177,17 @@ def test_guide_step_of_the_same_workdir(workdir):
   np.testing.assert_array_equal(sample(setup_off, ema, guide), unguided)
   with pytest.raises(config_flags.InputError, match="--guide_workdir"):
     workdir_lib.load_guide(setup, workdir)
+
+
+def test_sampling_follows_an_eval_config_changed_after_loading(workdir):
+  """workdir.sample_images compiles once per setup and eval section: changing the sampler
+  on a loaded setup samples with the new one (ancestral draws noise, DDIM does not), and
+  changing it back gives the first samples again."""
+  setup, ema = _load(workdir)
+  rng = jax.random.key(1)
+  sample = lambda: workdir_lib.sample_images(setup, ema, rng, num=8, num_steps=4)
+  first = sample()
+  setup.config.eval.sampler = "ancestral" if setup.config.eval.sampler != "ancestral" else "ddim"
+  assert np.abs(sample().astype(int) - first).mean() > 0.1
+  setup.config.eval.sampler = "ddim" if setup.config.eval.sampler == "ancestral" else "ancestral"
+  np.testing.assert_array_equal(sample(), first)
