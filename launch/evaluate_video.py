@@ -25,10 +25,11 @@ frames; here that shows as lower consistency and direction accuracy.
 --stages scores a cascade (launch.cascade.run_cascade, guidance w on the base stage, the SR
 stages unguided, each SR input augmented to --aug_level or to each level of --aug_sweep):
 every stage's output is measured, the prompts and the real clips coming from the LAST
-stage's eval split. A stage with fewer frames is compared with the real clips at its frame
-times (every k-th data frame, as the stages subsample), and a smaller stage is enlarged to
-the last stage's size by pixel repetition first, since the digits classifier reads digits at
-the data's scale (as launch.evaluate_cascade scores the image base stage). Columns are
+stage's eval split, as the data holds them (a cascade may end below the data's size). A
+stage with fewer frames is compared with the real clips at its frame times (every k-th data
+frame, as the stages subsample), and a smaller stage is enlarged to the data's size by pixel
+repetition first, since the digits classifier reads digits at the data's scale (as
+launch.evaluate_cascade scores the image base stage). Columns are
 prefixed stage0_, stage1_, ...; rows are appended to the last stage's video_eval.jsonl.
 """
 
@@ -73,20 +74,25 @@ flags.register_multi_flags_validator(
     f"{samplers.STEP_SAMPLERS}: pass --sampler ddim or ancestral")
 
 
-def eval_clips(workdir: str, num: int):
+def eval_clips(workdir: str, num: int, *, at_stage: bool = True):
   """(captions, integer clips [N, F, H, W, C], num_levels) of the first `num` examples of
-  the stage's eval split, at the stage's frame count and resolution."""
+  the stage's eval split: at the stage's frame count and size (`at_stage`; then they must
+  match the data's size), else as the data holds them (a cascade's stages are compared with
+  them at their own frame times by evaluation.video.at_reference_scale)."""
   config = cascade.video_stage_config(workdir, "launch.evaluate_video")
   source = families.get_family("video").get_source(config, config.data.eval_split)
   examples = [source[i] for i in range(min(num, len(source)))]
   clips = np.stack([e["video"] for e in examples]).astype(np.int32)
+  if not at_stage:
+    return [e["caption"] for e in examples], clips, source.num_levels
   m = config.model
   clips = clips[:, ::clips.shape[1] // m.num_frames]
   height, width = video_experiment.frame_size(m)
   if tuple(clips.shape[2:4]) != (height, width):
     raise config_flags.InputError(f"the stage samples {height}x{width} frames but its data "
                                   f"has {clips.shape[2]}x{clips.shape[3]}: the measures need "
-                                  "clips at the data's size")
+                                  "clips at the data's size; score a cascade ending at the "
+                                  "data's size with --stages")
   return [e["caption"] for e in examples], clips, source.num_levels
 
 
@@ -131,9 +137,11 @@ def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
 
 def evaluate_stages(stages, weights, steps, aug_settings) -> list[dict]:
   """The rows of a cascade: per weight and SR augmentation setting, every stage's measures."""
-  prompts, real, levels = eval_clips(stages[-1], _NUM.value)
+  prompts, real, levels = eval_clips(stages[-1], _NUM.value, at_stage=False)
   n = len(stages)
-  rows = []
+  rows = [{"guidance_w": None, "num_videos": len(real),   # the data: what a cascade approaches
+           **video_eval.video_report(real, prompts, num_levels=levels)}]
+  print(json.dumps(rows[0]))
   for w, aug_levels in [(v, a) for v in weights for a in aug_settings]:
     result = cascade.run_cascade(stages, prompts, num_per_prompt=1, steps=steps,
                                  guidance=[w] + [0.0] * (n - 1), samplers_=[_SAMPLER.value] * n,
