@@ -19,7 +19,9 @@ from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs
 from launch import mesh as mesh_lib
 from launch import text_encoder as text_encoder_lib
+from launch import images, videos
 from launch import workdir as workdir_lib
+from vdm import losses
 
 CascadeResult = collections.namedtuple(
     "CascadeResult", ["images", "configs", "setups", "params", "text_cond", "compile_seconds",
@@ -132,3 +134,15 @@ def extend_clips(result: CascadeResult, clips, *, total_frames: int, num_known: 
       num_known=num_known, num_steps=num_steps, guidance_w=guidance_w, w_r=w_r,
       sampler=sampler, threshold=threshold))
   return np.asarray(jax.device_get(fn(params, clips, result.text_cond, jax.random.key(seed))))
+
+
+def write_stage(out_dir, i: int, x, num_levels: int, *, columns: int, fps: int = 8) -> list:
+  """Writes stage i's samples x in [-1, 1]: images [N, H, W, C] as stageI_HxW.png (a grid of
+  `columns` per row); clips [N, F, H, W, C] as stageI_FxHxW.gif / .mp4 (the grid playing
+  at `fps`) and .png (a filmstrip). Returns the paths."""
+  ints = np.asarray(losses.x_to_int(x, num_levels))
+  name = f"stage{i}_" + "x".join(map(str, ints.shape[1:-1]))
+  if ints.ndim == 4:
+    return [images.write_grid(fs.join(out_dir, f"{name}.png"), ints, num_levels,
+                              columns=columns)]
+  return videos.write_clips(out_dir, name, ints, num_levels, fps=fps, columns=columns)

@@ -26,14 +26,12 @@ elsewhere would surprise them, and replacing its files would lose the earlier ru
 """
 
 
-import numpy as np
 from absl import flags
 
-from launch import cascade, distributed, images, videos
+from launch import cascade, distributed
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, fs
 from launch import metric_writer
-from vdm import losses
 
 _STAGES = flags.DEFINE_list("stages", None, "Stage workdirs, base first.", required=True)
 _PROMPTS = flags.DEFINE_list("prompts", None, "Comma-separated prompts.")
@@ -100,22 +98,10 @@ def main(argv):
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
       fps = int(round(setup.config.model.get("fps", 0) or 0)) or 8
-      for path in write_stage(out_dir, i, x, setup.source.num_levels, columns=_NUM.value,
+      for path in cascade.write_stage(out_dir, i, x, setup.source.num_levels, columns=_NUM.value,
                               fps=fps):
         print(path)
     fs.write_atomic(fs.join(out_dir, "prompts.txt"), "\n".join(prompts) + "\n")
-
-
-def write_stage(out_dir, i: int, x, num_levels: int, *, columns: int, fps: int = 8) -> list:
-  """Writes stage i's samples x in [-1, 1]: images [N, H, W, C] as stageI_HxW.png (a grid of
-  `columns` per row); clips [N, F, H, W, C] as stageI_FxHxW.gif / .mp4 (the grid playing
-  at `fps`) and .png (a filmstrip). Returns the paths."""
-  ints = np.asarray(losses.x_to_int(x, num_levels))
-  name = f"stage{i}_" + "x".join(map(str, ints.shape[1:-1]))
-  if ints.ndim == 4:
-    return [images.write_grid(fs.join(out_dir, f"{name}.png"), ints, num_levels,
-                              columns=columns)]
-  return videos.write_clips(out_dir, name, ints, num_levels, fps=fps, columns=columns)
 
 
 def run():

@@ -21,7 +21,8 @@ from flax import nnx
 from configs.video import digits_cascade, imagen_video
 from distill import progressive
 from imagen import cascade, video_experiment, video_sr
-from launch import families, sample_cascade
+from launch import cascade as cascade_lib
+from launch import families
 from launch import mesh as mesh_lib
 from vdm import process
 
@@ -273,13 +274,13 @@ def test_sample_cascade_writes_clip_stages_as_gif_mp4_and_filmstrip(tmp_path):
   stage stays one PNG grid."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   clips = np.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4, 1)
-  paths = sample_cascade.write_stage(str(tmp_path), 1, clips, 17, columns=2)
+  paths = cascade_lib.write_stage(str(tmp_path), 1, clips, 17, columns=2)
   assert [p.rsplit("/", 1)[1] for p in paths] == ["stage1_3x4x4.gif", "stage1_3x4x4.mp4",
                                                   "stage1_3x4x4.png"]
   assert Image.open(paths[0]).n_frames == 3
   strip = np.asarray(Image.open(paths[2]))
   assert strip.shape == ((2 * 5 + 1) * 16, (3 * 5 + 1) * 16)   # 2 rows of 3 frames, 64 px
-  images = sample_cascade.write_stage(str(tmp_path), 0, clips[:, 0], 17, columns=2)
+  images = cascade_lib.write_stage(str(tmp_path), 0, clips[:, 0], 17, columns=2)
   assert [p.rsplit("/", 1)[1] for p in images] == ["stage0_4x4.png"]
 
 
