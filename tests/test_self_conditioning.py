@@ -106,18 +106,18 @@ def _video_case():
 @pytest.mark.parametrize("case", ["score_unet", "unet", "efficient_unet_sr", "video_unet"])
 def test_zero_weights_on_x_self_give_the_plain_model(case):
   """Self-conditioned model, its conv_in rows that read x_self (and, for the ScoreUNet, its
-  Fourier features) set to zero and every other weight copied from a plain model: the same
-  prediction as the plain model, for zeros, an absent x_self, or any x_self. With those rows
-  nonzero, x_self changes the prediction."""
+  Fourier features) set to zero and every other weight copied from a plain model (random
+  weights: no zero-initialised layer hides anything): the same prediction as the plain
+  model, for zeros or any x_self. With those rows nonzero, x_self changes the prediction."""
   make, rows, shape, cond_fn = {"score_unet": lambda: _vdm_case("score_unet"),
                                 "unet": lambda: _vdm_case("unet"),
                                 "efficient_unet_sr": _sr_case,
                                 "video_unet": _video_case}[case]()
-  plain, sc = make(False), make(True)
+  (plain, p_plain), (sc, p_sc) = _abstract(make, False), _abstract(make, True)
   assert not plain.self_condition and sc.self_condition
-  p_plain = _perturbed(nnx.state(plain, nnx.Param).to_pure_dict())
-  _set_params(plain, p_plain)
-  p_sc = nnx.state(sc, nnx.Param).to_pure_dict()
+  rng = np.random.default_rng(1)
+  p_plain = jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32),
+                         p_plain)
   k_plain, k_sc = p_plain["net"]["conv_in"]["kernel"], p_sc["net"]["conv_in"]["kernel"]
   extra = [r for r in range(k_sc.shape[2]) if r not in rows]
   assert k_sc.shape[2] == 2 * k_plain.shape[2] - (1 if case == "efficient_unet_sr" else 0)
@@ -125,38 +125,43 @@ def test_zero_weights_on_x_self_give_the_plain_model(case):
   kernel = np.zeros(k_sc.shape, np.float32)
   kernel[:, :, rows] = k_plain
   copied["net"]["conv_in"]["kernel"] = kernel
-  _set_params(sc, copied)    # raises if any other leaf differs in shape
+  jax.tree.map(lambda a, b: None if a.shape == b.shape else pytest.fail(f"{a.shape} {b.shape}"),
+               p_sc, copied)   # every other weight has the plain model's shape
 
   b = shape[0]
   z = jax.random.normal(jax.random.key(1), shape)
   lam = jnp.linspace(-2.0, 4.0, b)
   cond = cond_fn(b)
   x_self = jax.random.uniform(jax.random.key(2), shape, minval=-1.0, maxval=1.0)
-  want = _denoise(plain)(nnx.state(plain, nnx.Param), z, lam, cond)
+  want = _denoise(plain)(_params(plain, p_plain), z, lam, cond)
   sc_denoise = _denoise(sc)
   for xs in (jnp.zeros(shape), x_self):
-    got = sc_denoise(nnx.state(sc, nnx.Param), z, lam,
-                     self_conditioning.with_x_self(cond, xs))
+    got = sc_denoise(_params(sc, copied), z, lam, self_conditioning.with_x_self(cond, xs))
     np.testing.assert_allclose(got.eps, want.eps, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.x, want.x, rtol=1e-5, atol=1e-5)
   # The x_self rows do reach the output when they are not zero.
   kernel[:, :, extra] = 0.3
-  _set_params(sc, copied)
-  moved = sc_denoise(nnx.state(sc, nnx.Param), z, lam,
+  moved = sc_denoise(_params(sc, copied), z, lam,
                      self_conditioning.with_x_self(cond, x_self)).eps
   assert float(jnp.abs(moved - want.eps).max()) > 1e-3
+
+
+def _abstract(make, self_condition: bool):
+  """(abstract model, its parameters' shapes as a pure dict): no eager initialisation."""
+  model = nnx.eval_shape(lambda: make(self_condition))
+  return model, nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _params(model, pure: dict) -> nnx.State:
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  return state
 
 
 def _denoise(model):
   """model.denoise(z, logsnr, cond) jitted over (params, z, logsnr, cond): one compile."""
   graphdef, _ = nnx.split(model, nnx.Param)
   return jax.jit(lambda p, z, lam, c: nnx.merge(graphdef, p).denoise(z, lam, c))
-
-
-def _set_params(model, pure: dict):
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-  nnx.update(model, state)
 
 
 def test_network_input_is_z_and_x_self_on_channels():
@@ -173,11 +178,11 @@ def test_network_input_is_z_and_x_self_on_channels():
 
 
 def test_x_self_to_a_plain_model_is_an_error():
-  model = _vdm_case("unet")[0](False)
-  z = jnp.zeros((2, 8, 8, 1))
+  make = _vdm_case("unet")[0]
+  (model, _), (sc, _) = _abstract(make, False), _abstract(make, True)
+  z = jnp.zeros((2, 8, 8, 1))   # both errors come before the network runs
   with pytest.raises(ValueError, match="self_condition"):
     model.denoise(z, jnp.zeros(2), self_conditioning.with_x_self(None, z))
-  sc = _vdm_case("unet")[0](True)
   with pytest.raises(ValueError, match="shaped like z"):
     sc.denoise(z, jnp.zeros(2), self_conditioning.with_x_self(None, z[:, :4]))
 
