@@ -2,7 +2,7 @@ r"""Post-hoc EMA sweep (run by hand): bits/dim and sample quality against the EM
 
   python bench/phema_sweep.py --workdir runs/phema_digits \
       --std 0.02,0.035,0.05,0.075,0.10,0.15,0.20 [--num 594] [--steps 64] [--seed 0]
-      [--step N]
+      [--step N] [--num_time_samples K]
 
 For a digits run trained with optim.phema.enabled, reconstructs the EMA of each --std
 (`python -m launch.phema`, writing <workdir>/phema_std<std>; existing ones are reused) and
@@ -10,8 +10,9 @@ scores it, beside the run's own EMA (optim.ema_decay, with the trainer's warm-up
 relative std is computed from its weights) and the raw parameters of the last checkpoint
 (with --step: all at that step, which must be a snapshot and a checkpoint step):
 
-- bits/dim of the eval split exactly as `python -m launch.evaluate` computes it (same
-  config, same key), so every row sees the same examples and (t, eps) draws;
+- bits/dim of the eval split exactly as `python -m launch.evaluate [--num_time_samples K]`
+  computes it (same config, same key), so every row sees the same examples and (t, eps)
+  draws;
 - FD: the Frechet distance of --num DDIM samples (--steps steps) to the 297 real test
   digits in the features of evaluation/digits_classifier.py, drawn in batches of at most
   297 (batch k with key fold_in(seed, k)), the same keys for every row.
@@ -53,6 +54,8 @@ def main(argv=None):
   p.add_argument("--max_error", type=float, default=0.05)
   p.add_argument("--step", type=int, default=None, help="Snapshot and checkpoint step "
                  "(default: the last).")
+  p.add_argument("--num_time_samples", type=int, default=None, help="(t, eps) draws per "
+                 "example for bits/dim (default: the config's eval.num_time_samples).")
   args = p.parse_args(argv)
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -75,7 +78,8 @@ def main(argv=None):
                           phema.output_dir(args.workdir, std, args.step), report)
 
   # One setup (the run's) for every row, so evaluation and sampling compile once.
-  setup, state, ckpt = workdir_lib.load_workdir(args.workdir, args.step)
+  setup, state, ckpt = workdir_lib.load_workdir(
+      args.workdir, args.step, {"eval.num_time_samples": args.num_time_samples})
   ckpt.close()
   config = setup.config
   if config.data.name != "digits":
@@ -107,6 +111,7 @@ def main(argv=None):
         digits_classifier.upsample_to_digits(samples), num_levels=setup.source.num_levels)
     row = {"row": name, "std": std, "profile_error": error, "step": last,
            "bpd": round(float(bpd["bpd"]), 4), "bpd_stderr": round(float(bpd["bpd_stderr"]), 4),
+           "num_time_samples": config.eval.num_time_samples,
            "fd": round(float(fd), 3), "num": len(samples), "ddim_steps": args.steps,
            "seconds": round(time.perf_counter() - start, 1)}
     results.append(row)
