@@ -12,7 +12,8 @@ same loop samples on one CPU and on a pod slice. Per stage: the number of sampli
 the guidance weight w (on text only: the low-res input is kept in both branches) and the
 logsnr interval where it applies (None: everywhere), the sampler, the x-hat hook and, for SR
 stages, the noise-augmentation level of the input; optionally a guide model per stage, which
-autoguides at weight w instead (vdm/guidance.py).
+autoguides at weight w instead (vdm/guidance.py). A distilled student that takes w as an
+input (guided distillation) gets it in its conditioning instead of a second pass.
 """
 
 import collections
@@ -40,6 +41,9 @@ def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: St
   noise-augmented here to s.aug_level; `guide`: a model of the same kind that autoguides."""
   k_aug, k_sample = jax.random.split(rng)
   cond = model.sampling_cond(cond, num)     # e.g. a video stage's frame rate
+  guidance_w = s.guidance_w
+  if takes_guidance_weight(model):   # a guided-distilled student: w is an input, one pass
+    cond, guidance_w = {**cond, "guidance_w": jnp.full((num,), s.guidance_w)}, 0.0
   if "lowres_image" in cond:
     cond = dict(cond)
     lowres, t_aug = cond.pop("lowres_image"), jnp.full((num,), s.aug_level)
@@ -48,8 +52,15 @@ def sample_stage(model: experiment.ImagenStage, cond: dict, rng, num: int, s: St
     else:
       cond.update(experiment.lowres_cond(model, lowres, k_aug, t_aug))
   return experiment.sample(model, k_sample, cond, num, num_steps=s.steps,
-                           guidance_w=s.guidance_w, sampler=s.sampler, threshold=s.threshold,
+                           guidance_w=guidance_w, sampler=s.sampler, threshold=s.threshold,
                            guidance_interval=s.guidance_interval, guide=guide)
+
+
+def takes_guidance_weight(model) -> bool:
+  """Whether a stage's net takes the guidance weight w as an input (a student of guided
+  distillation, Meng et al. 2023): it is sampled with w in its conditioning and no
+  unconditional pass."""
+  return "guidance_w" in model.net.cond_keys
 
 
 def is_super_resolution(model) -> bool:

@@ -43,12 +43,17 @@ def read_prompts(prompts, prompts_file) -> list[str]:
   return prompts
 
 
+def stage_family(config) -> str:
+  """The family a stage samples as: its own, or its teacher's for a distilled student."""
+  return config.distill.base_family if config.family == "distill" else config.family
+
+
 def video_stage_config(workdir: str, command: str):
-  """The config saved in a video stage's workdir (read before anything is sampled); a clear
-  error for a run of another family."""
+  """The config saved in a video stage's workdir (read before anything is sampled), or in a
+  distilled student's of a video stage; a clear error for a run of another family."""
   with checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1, read_only=True) as ckpt:
     config = ckpt.restore_config()
-  if config.family != "video":
+  if stage_family(config) != "video":
     raise config_flags.InputError(
         f"{workdir} is a {config.family!r} run; {command} takes video stages (family "
         "'video'); sample image runs with python -m launch.sample (VDM, distilled students) "
@@ -87,7 +92,8 @@ def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, 
   (lo, hi) of its guidance, () for everywhere, None for its config's
   eval.guidance_interval; guides, None or (guide workdir or None for the stage's own, step
   or None for the latest): the EMA model that autoguides the stage at its weight."""
-  loaded = [workdir_lib.load_workdir(w, devices=devices) for w in stages]
+  # No frozen modules: prompts are encoded here, and a distilled student needs no teacher.
+  loaded = [workdir_lib.load_workdir(w, devices=devices, with_frozen=False) for w in stages]
   for _, _, ckpt in loaded:
     ckpt.close()
   intervals = [None if v is None else tuple(v)

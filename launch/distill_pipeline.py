@@ -14,8 +14,9 @@ from flax import nnx
 
 from distill import experiment
 from evaluation import digits_classifier, inception
+from evaluation import video as video_eval
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed, fs, images, trainer
+from launch import config_flags, distributed, families, fs, images, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from launch.families import distill as distill_family
@@ -112,12 +113,15 @@ def _conditional(config) -> bool:
 
 def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weights: str = ""):
   """(integer samples, report). Digits: FD in the small classifier's features, and class
-  accuracy for conditional models. Other data: FID against the first `num` images of the
-  eval split when `fid_weights` (evaluation/inception.py's Inception file) is given, else {}."""
+  accuracy for conditional models. Moving digits (video stages): the video measures of
+  evaluation/video.py. Other data: FID against the first `num` images of the eval split
+  when `fid_weights` (evaluation/inception.py's Inception file) is given, else {}."""
   samples = workdir_lib.sample_images(setup, params, jax.random.key(seed), num=num,
                                       num_steps=num_steps)
   config = setup.config
   levels = setup.source.num_levels
+  if samples.ndim == 5:
+    return samples, video_quality(config, samples, levels)
   if config.data.name != "digits":
     if not fid_weights:
       return samples, {}
@@ -132,6 +136,21 @@ def sample_quality(setup, params, num: int, num_steps: int, seed: int, fid_weigh
     labels = np.array([int(source[i]["label"]) for i in range(len(samples))])
   ints = digits_classifier.upsample_to_digits(samples)
   return samples, digits_classifier.digits_report(ints, labels, num_levels=levels)
+
+
+def video_quality(config, clips: np.ndarray, levels: int) -> dict:
+  """Alignment, direction accuracy, consistency and FD of clips sampled for the first
+  len(clips) captions of the eval split (as workdir_lib.sample_images draws them), against
+  those real clips at the clips' frame times and scale; {} for data other than the moving
+  digits, whose measures need the digits classifier."""
+  if not config.data.name.startswith("moving_digits"):
+    return {}
+  source = families.get_family("video").get_source(config, config.data.eval_split)
+  examples = [source[i] for i in range(len(clips))]
+  real = np.stack([np.asarray(e["video"]) for e in examples]).astype(np.int32)
+  big, real = video_eval.at_reference_scale(clips, real)
+  return video_eval.video_report(big, [e["caption"] for e in examples], reference=real,
+                                 num_levels=levels)
 
 
 def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,
@@ -179,7 +198,9 @@ def summarize(stage: dict, workdir: str, dcfg, teacher_dir: str, cache: dict,
 
 def table(rows) -> str:
   keys = ["stage", "student_steps", "student_fd", "teacher_ddim_fd", "student_fid",
-          "teacher_ddim_fid", "student_accuracy", "teacher_ddim_accuracy", "train_seconds"]
+          "teacher_ddim_fid", "student_accuracy", "teacher_ddim_accuracy",
+          "student_alignment", "teacher_ddim_alignment", "student_direction_accuracy",
+          "teacher_ddim_direction_accuracy", "train_seconds", "sample_seconds"]
   keys = [k for k in keys if any(k in r for r in rows)]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   for r in rows:
