@@ -16,7 +16,7 @@ from distill import experiment
 from evaluation import digits_classifier, inception
 from evaluation import video as video_eval
 from launch import checkpoint as checkpoint_lib
-from launch import config_flags, distributed, families, fs, images, trainer
+from launch import cascade, config_flags, distributed, families, fs, images, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from launch.families import distill as distill_family
@@ -107,7 +107,7 @@ def seed_student(config, workdir: str, devices=None):
 
 
 def _conditional(config) -> bool:
-  base = config.distill.base_family if config.family == "distill" else config.family
+  base = cascade.stage_family(config)
   return base in distill_family.TEXT_FAMILIES or bool(config.model.get("num_classes"))
 
 

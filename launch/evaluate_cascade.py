@@ -3,6 +3,7 @@ r"""Prompt alignment and Frechet distance of a digits cascade, swept over the gu
   python -m launch.evaluate_cascade --stages runs/imagen_base,runs/imagen_sr \
       --guidance 0,1,3 --num_per_digit 20 [--steps 64,64] [--aug_level 0.0]
       [--aug_sweep 0,0.1,0.2,0.4]     # pick the SR augmentation level for sampling
+      [--guidance_interval LO,HI | sigma:LO,HI] [--guide_workdir W2] [--guide_step N]
 
 For each w, one prompt per generated image (a caption of digit d in a phrasing the data
 uses, d cycling over 0..9) goes through the whole cascade with guidance w at the base stage
@@ -11,7 +12,9 @@ digits train split (evaluation/digits_classifier.py): alignment = share classifi
 prompt's digit (chance 0.1), FD = Frechet distance to the real test digits in the
 classifier's features. The base stage's own output is scored too, upsampled to 8x8
 (nearest). Results are printed as JSON lines and appended to the last stage's
-workdir/cascade_eval.jsonl.
+workdir/cascade_eval.jsonl. The base stage's guidance can be limited to a logsnr interval
+(Kynkaanniemi et al. 2024) or be autoguidance by a weaker model of the same shape instead
+(Karras et al. 2024): --guide_workdir, or --guide_step alone for an earlier checkpoint.
 """
 
 import json
@@ -22,6 +25,7 @@ from absl import flags
 from evaluation import digits_classifier
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distributed, fs
+from launch import workdir as workdir_lib
 from launch.cascade import per_stage, run_cascade
 from launch import metric_writer
 from launch.data import digits
@@ -36,6 +40,13 @@ _AUG_SWEEP = flags.DEFINE_list("aug_sweep", None, "Sweep the SR stages' augmenta
                                "over these values (the same level for every SR stage; "
                                "overrides --aug_level), for each guidance weight.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_INTERVAL = flags.DEFINE_string("guidance_interval", None, "Guide the base stage only where "
+                                "logsnr is in lo,hi (sigma:lo,hi in EDM's sigma; none: "
+                                "everywhere). Default: its config.eval.guidance_interval.")
+_GUIDE_WORKDIR = flags.DEFINE_string("guide_workdir", None, "Autoguidance of the base stage: "
+                                     "the workdir of a weaker model of the same shape.")
+_GUIDE_STEP = flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint "
+                                   "step (alone: an earlier checkpoint of the base stage).")
 flags.register_validator("num_per_digit", lambda n: n >= 1, "--num_per_digit is the number "
                          "of images per digit and weight: pass a positive number, e.g. "
                          "--num_per_digit 20.")
@@ -68,6 +79,12 @@ def main(argv):
         "per-stage flags take one value per stage or one for all.") from None
   for stage in stages:
     checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
+  interval = workdir_lib.parse_guidance_interval(_INTERVAL.value)
+  guide = None
+  if _GUIDE_WORKDIR.value or _GUIDE_STEP.value is not None:
+    guide = (_GUIDE_WORKDIR.value, _GUIDE_STEP.value)
+    checkpoint_lib.require_checkpoint(_GUIDE_WORKDIR.value or stages[0], _GUIDE_STEP.value,
+                                      flag="--guide_workdir", step_flag="--guide_step")
   distributed.initialize()
   prompts, labels = digit_prompts(_NUM.value)
   results = []
@@ -75,9 +92,12 @@ def main(argv):
     outputs, _, setups, *_ = run_cascade(
         stages, prompts, num_per_prompt=1, steps=steps,
         guidance=[w] + [0.0] * (n - 1), samplers_=["ddim"] * n,
-        aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value)
+        aug_levels=aug_levels, threshold="dynamic", seed=_SEED.value,
+        guidance_intervals=[interval] + [None] * (n - 1), guides=[guide] + [None] * (n - 1))
     levels = setups[0].source.num_levels
-    row = {"guidance_w": w, "aug_levels": aug_levels, "num_images": len(prompts)}
+    row = {"guidance_w": w, "aug_levels": aug_levels, "num_images": len(prompts),
+           "guidance_interval": _INTERVAL.value, "guide_workdir": _GUIDE_WORKDIR.value,
+           "guide_step": _GUIDE_STEP.value}
     for i, x in enumerate(outputs):
       for key, value in score(x, labels, levels).items():
         row[f"stage{i}_{key}"] = value

@@ -382,7 +382,8 @@ def test_a_guided_distilled_stage_samples_with_w_as_its_input_in_one_pass():
   """A stage whose net takes w (a student of guided distillation) is sampled by the cascade
   with w in its conditioning and no unconditional branch: exactly plain DDIM of its own
   denoiser on cond + {"guidance_w": w} (vdm.samplers, assembled here), and w changes it."""
-  config = _tiny("base_runlocal", num_frames=4, resolution=8, guidance_embedding=True)
+  config = _tiny("base_runlocal", num_frames=4, resolution=8, guidance_embedding=True,
+                 self_condition=False)
   config.model.unet_overrides.update(dict(ch=8, ch_mult=(1,), num_res_blocks=(1,),
                                           attn_resolutions=(), cross_attn_resolutions=(8,),
                                           temporal_attn_resolutions=(8,),
