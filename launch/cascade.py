@@ -82,6 +82,40 @@ def per_stage_intervals(text: str | None, n: int, flag: str = "--guidance_interv
   return [workdir_lib.parse_guidance_interval(spec, flag) for spec in specs * (n // len(specs))]
 
 
+def per_stage_guides(workdirs: str | None, steps: str | None, stages) -> list | None:
+  """--guide_workdir / --guide_step of a cascade: per stage None (classifier-free guidance)
+  or (guide workdir or None for the stage's own, step or None for the latest), from one
+  value for every stage or one per stage separated by ';' ("none" or empty: no guide);
+  None when neither flag is given. Each guide's checkpoint is checked now."""
+  if workdirs is None and steps is None:
+    return None
+  n = len(stages)
+
+  def split(text, flag):
+    parts = [p.strip() for p in (text or "").split(";")]
+    if len(parts) not in (1, n):
+      raise config_flags.InputError(f"{flag} {text!r} has {len(parts)} entries for {n} "
+                                    f"stages: pass one for all, or one per stage separated "
+                                    f"by ';' (none for a stage without a guide)")
+    return [None if p.lower() in ("", "none") else p for p in parts * (n // len(parts))]
+
+  dirs = split(workdirs, "--guide_workdir")
+  try:
+    step_list = [None if v is None else int(v) for v in split(steps, "--guide_step")]
+  except ValueError:
+    raise config_flags.InputError(f"--guide_step {steps!r}: whole numbers (or none), one "
+                                  "for all stages or one per stage separated by ';'") from None
+  guides = []
+  for stage, d, step in zip(stages, dirs, step_list):
+    if d is None and step is None:
+      guides.append(None)
+      continue
+    checkpoint_lib.require_checkpoint(d or stage, step, flag="--guide_workdir",
+                                      step_flag="--guide_step")
+    guides.append((d, step))
+  return guides
+
+
 def run_cascade(stages, prompts, *, num_per_prompt, steps, guidance, samplers_, aug_levels,
                 threshold, seed, devices=None, guidance_intervals=None, guides=None):
   """A CascadeResult: each stage's images in [-1, 1] ([N, H, W, C] numpy, N = prompts x

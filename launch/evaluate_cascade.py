@@ -26,7 +26,7 @@ from evaluation import digits_classifier
 from launch import checkpoint as checkpoint_lib
 from launch import config_flags, distributed, fs
 from launch import workdir as workdir_lib
-from launch.cascade import per_stage, run_cascade
+from launch.cascade import per_stage, per_stage_guides, run_cascade
 from launch import metric_writer
 from launch.data import digits
 from vdm import losses
@@ -45,8 +45,8 @@ _INTERVAL = flags.DEFINE_string("guidance_interval", None, "Guide the base stage
                                 "everywhere). Default: its config.eval.guidance_interval.")
 _GUIDE_WORKDIR = flags.DEFINE_string("guide_workdir", None, "Autoguidance of the base stage: "
                                      "the workdir of a weaker model of the same shape.")
-_GUIDE_STEP = flags.DEFINE_integer("guide_step", None, "Autoguidance: the guide's checkpoint "
-                                   "step (alone: an earlier checkpoint of the base stage).")
+_GUIDE_STEP = flags.DEFINE_string("guide_step", None, "Autoguidance: the guide's checkpoint "
+                                  "step (alone: an earlier checkpoint of the base stage).")
 flags.register_validator("num_per_digit", lambda n: n >= 1, "--num_per_digit is the number "
                          "of images per digit and weight: pass a positive number, e.g. "
                          "--num_per_digit 20.")
@@ -80,11 +80,7 @@ def main(argv):
   for stage in stages:
     checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
   interval = workdir_lib.parse_guidance_interval(_INTERVAL.value)
-  guide = None
-  if _GUIDE_WORKDIR.value or _GUIDE_STEP.value is not None:
-    guide = (_GUIDE_WORKDIR.value, _GUIDE_STEP.value)
-    checkpoint_lib.require_checkpoint(_GUIDE_WORKDIR.value or stages[0], _GUIDE_STEP.value,
-                                      flag="--guide_workdir", step_flag="--guide_step")
+  guide = (per_stage_guides(_GUIDE_WORKDIR.value, _GUIDE_STEP.value, stages[:1]) or [None])[0]
   distributed.initialize()
   prompts, labels = digit_prompts(_NUM.value)
   results = []

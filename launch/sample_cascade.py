@@ -4,7 +4,8 @@ super-resolution stage.
   python -m launch.sample_cascade --stages runs/imagen_base,runs/imagen_sr \
       --prompts "a handwritten digit seven,the number 3" --num_per_prompt 4 \
       [--steps 64,32] [--guidance 3,0] [--sampler ddim,ddim] [--aug_level 0,0.1] \
-      [--guidance_interval '-2.1,2.5;none'] [--out runs/cascade [--overwrite]]
+      [--guidance_interval '-2.1,2.5;none'] [--guide_workdir 'runs/small_base;none']
+      [--guide_step N] [--out runs/cascade [--overwrite]]
 
 Each stage is a training workdir (its saved config rebuilds the model; EMA params). Prompts
 are encoded once, with the text encoder named by the base stage's config (data.t5: the same
@@ -16,7 +17,10 @@ stageI_FxHxW.{gif,mp4,png}. Per-stage options take one value per stage, or one v
 --guidance_interval restricts each stage's guidance to a logsnr interval (Kynkaanniemi et al.
 2024; vdm/guidance.py): "lo,hi", "sigma:lo,hi" (EDM's sigma) or "none" (everywhere), one
 for all stages or one per stage separated by ';'; not given, each stage's
-config.eval.guidance_interval applies.
+config.eval.guidance_interval applies. --guide_workdir / --guide_step replace a stage's
+classifier-free guidance by autoguidance at the same weight (Karras et al. 2024): the EMA
+model of a weaker workdir of the same shape, or (--guide_step alone) an earlier checkpoint
+of the stage; one for all stages or ';'-separated per stage, "none" for unguided ones.
 
 Earlier outputs are never overwritten silently: without --out, a run whose default folder
 (the last stage's workdir/cascade) already holds images writes to cascade_1, cascade_2, ...
@@ -48,6 +52,13 @@ _INTERVAL = flags.DEFINE_string("guidance_interval", None, "Guide only where log
                                 "lo,hi (sigma:lo,hi in EDM's sigma; none: everywhere), one "
                                 "for all stages or ';'-separated per stage. Default: each "
                                 "stage's config.eval.guidance_interval.")
+_GUIDE_WORKDIR = flags.DEFINE_string("guide_workdir", None, "Autoguidance (Karras et al. "
+                                     "2024) instead of classifier-free guidance: a weaker "
+                                     "model of the stage's shape, one for all stages or "
+                                     "';'-separated per stage (none: no guide).")
+_GUIDE_STEP = flags.DEFINE_string("guide_step", None, "Autoguidance: the guide's checkpoint "
+                                  "step, one or ';'-separated per stage (alone: an earlier "
+                                  "checkpoint of the stage itself).")
 _THRESHOLD = flags.DEFINE_enum("threshold", "dynamic", ["dynamic", "static", "none"],
                                "x-hat thresholding.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: the last stage's "
@@ -88,13 +99,15 @@ def main(argv):
   intervals = cascade.per_stage_intervals(_INTERVAL.value, n)
   for stage in stages:
     checkpoint_lib.require_checkpoint(stage, flag="--stages entry")
+  guides = cascade.per_stage_guides(_GUIDE_WORKDIR.value, _GUIDE_STEP.value, stages)
   out_dir = config_flags.fresh_output(_OUT.value or fs.join(stages[-1], "cascade"),
                                       chosen=_OUT.value is not None,
                                       overwrite=_OVERWRITE.value)
   distributed.initialize()
   outputs, _, setups, *_ = cascade.run_cascade(
       stages, prompts, num_per_prompt=_NUM.value, **options,
-      threshold=_THRESHOLD.value, seed=_SEED.value, guidance_intervals=intervals)
+      threshold=_THRESHOLD.value, seed=_SEED.value, guidance_intervals=intervals,
+      guides=guides)
   if distributed.is_main_process():
     for i, (x, setup) in enumerate(zip(outputs, setups)):
       fps = int(round(setup.config.model.get("fps", 0) or 0)) or 8

@@ -81,3 +81,22 @@ def test_cascade_on_8_devices_samples_the_same_images_as_on_1(stages):
   # The two images of a prompt differ (per-example noise, also in the padded rows' place).
   assert np.abs(one[0][0] - one[0][1]).max() > 1e-2
   assert np.abs(one[1][0] - one[1][1]).max() > 1e-2
+
+
+def test_per_stage_guides_parse_one_for_all_or_one_per_stage_and_check_checkpoints(stages):
+  """--guide_workdir / --guide_step of launch.sample_cascade: one value for every stage or
+  ';'-separated per stage, 'none' for a stage without a guide; a guide whose checkpoint does
+  not exist is refused before anything loads."""
+  from launch import checkpoint as checkpoint_lib   # pylint: disable=import-outside-toplevel
+  from launch import config_flags   # pylint: disable=import-outside-toplevel
+  base, sr = stages
+  assert cascade.per_stage_guides(None, None, stages) is None
+  assert cascade.per_stage_guides(f"{sr};none", None, stages) == [(sr, None), None]
+  assert cascade.per_stage_guides(None, "none;400", stages) == [None, (None, 400)]
+  assert cascade.per_stage_guides(base, "2", stages) == [(base, 2), (base, 2)]
+  with pytest.raises(config_flags.InputError, match="3 entries for 2 stages"):
+    cascade.per_stage_guides("a;b;c", None, stages)
+  with pytest.raises(config_flags.InputError, match="whole numbers"):
+    cascade.per_stage_guides(None, "early", stages)
+  with pytest.raises(checkpoint_lib.CheckpointError, match="--guide_step"):
+    cascade.per_stage_guides(None, "7", stages)   # no step 7 in either stage
