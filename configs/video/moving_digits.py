@@ -7,8 +7,8 @@ r"""Text-to-video on the embedded moving digits: 8 frames of 16x16 from a captio
 
 A Video U-Net (temporal attention at 8x8 and 4x4, temporal convolutions at 16x16) on
 "the digit 3 moving left"-style captions encoded by the OFFLINE DEFAULT tiny T5 (cached in
-WORKDIR/text_cache), trained jointly on videos and independent frames (Ho et al. sec. 3.2), self-conditioned
-(Chen et al. 2022): about 10 minutes on 2 CPU cores.
+WORKDIR/text_cache), trained jointly on videos and independent frames (Ho et al. sec. 3.2),
+self-conditioned (Chen et al. 2022): about 10 minutes on 2 CPU cores.
 """
 
 from configs.video.common import stage_config
