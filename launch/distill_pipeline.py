@@ -150,7 +150,8 @@ def video_quality(config, clips: np.ndarray, levels: int) -> dict:
   real = np.stack([np.asarray(e["video"]) for e in examples]).astype(np.int32)
   big, real = video_eval.at_reference_scale(clips, real)
   return video_eval.video_report(big, [e["caption"] for e in examples], reference=real,
-                                 num_levels=levels)
+                                 num_levels=levels,
+                                 digit_scale=getattr(source, "digit_scale", 1))
 
 
 def teacher_quality(teacher_dir: str, num: int, num_steps: int, dcfg, cache: dict,

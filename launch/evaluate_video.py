@@ -75,7 +75,8 @@ flags.register_multi_flags_validator(
 
 
 def eval_clips(workdir: str, num: int, *, at_stage: bool = True):
-  """(captions, integer clips [N, F, H, W, C], num_levels) of the first `num` examples of
+  """(captions, integer clips [N, F, H, W, C], measure options {num_levels, digit_scale} for
+  evaluation.video.video_report) of the first `num` examples of
   the stage's eval split: at the stage's frame count and size (`at_stage`; then they must
   match the data's size), else as the data holds them (a cascade's stages are compared with
   them at their own frame times by evaluation.video.at_reference_scale)."""
@@ -83,8 +84,9 @@ def eval_clips(workdir: str, num: int, *, at_stage: bool = True):
   source = families.get_family("video").get_source(config, config.data.eval_split)
   examples = [source[i] for i in range(min(num, len(source)))]
   clips = np.stack([e["video"] for e in examples]).astype(np.int32)
+  scale = dict(num_levels=source.num_levels, digit_scale=getattr(source, "digit_scale", 1))
   if not at_stage:
-    return [e["caption"] for e in examples], clips, source.num_levels
+    return [e["caption"] for e in examples], clips, scale
   m = config.model
   clips = clips[:, ::clips.shape[1] // m.num_frames]
   height, width = video_experiment.frame_size(m)
@@ -93,7 +95,7 @@ def eval_clips(workdir: str, num: int, *, at_stage: bool = True):
                                   f"has {clips.shape[2]}x{clips.shape[3]}: the measures need "
                                   "clips at the data's size; score a cascade ending at the "
                                   "data's size with --stages")
-  return [e["caption"] for e in examples], clips, source.num_levels
+  return [e["caption"] for e in examples], clips, scale
 
 
 def _numbers(values, flag, cast=float):
@@ -105,9 +107,10 @@ def _numbers(values, flag, cast=float):
 
 def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
   """The rows of one stage: the real clips, then each weight (and its extensions)."""
-  prompts, real, levels = eval_clips(workdir, _NUM.value)
+  prompts, real, scale = eval_clips(workdir, _NUM.value)
+  levels = scale["num_levels"]
   rows = [{"guidance_w": None, "num_videos": len(real),
-           **video_eval.video_report(real, prompts, num_levels=levels)}]
+           **video_eval.video_report(real, prompts, **scale)}]
   print(json.dumps(rows[0]))
   for w in weights:
     result = cascade.run_cascade([workdir], prompts, num_per_prompt=1,
@@ -117,7 +120,7 @@ def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
     # FD against the real clips of the same captions: equal N, the same for every weight.
     row = {"guidance_w": w, "num_videos": len(clips), "steps": num_steps,
            "sample_seconds": result.sample_seconds[-1],
-           **video_eval.video_report(clips, prompts, reference=real, num_levels=levels)}
+           **video_eval.video_report(clips, prompts, reference=real, **scale)}
     print(json.dumps(row))
     rows.append(row)
     for w_r in ([float(v) for v in _W_R.value] if _EXTEND_TO.value else []):
@@ -128,7 +131,7 @@ def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
           seed=_SEED.value + 1)
       longer = np.asarray(losses.x_to_int(longer, levels))
       row = {"guidance_w": w, "extend_to": _EXTEND_TO.value, "w_r": w_r,
-             **video_eval.video_report(longer, prompts, num_levels=levels)}
+             **video_eval.video_report(longer, prompts, **scale)}
       print(json.dumps(row))
       rows.append(row)
     _write_gif(clips, levels, f"samples_w{w:g}.gif")
@@ -137,10 +140,11 @@ def evaluate_stage(workdir: str, weights, num_steps: int) -> list[dict]:
 
 def evaluate_stages(stages, weights, steps, aug_settings) -> list[dict]:
   """The rows of a cascade: per weight and SR augmentation setting, every stage's measures."""
-  prompts, real, levels = eval_clips(stages[-1], _NUM.value, at_stage=False)
+  prompts, real, scale = eval_clips(stages[-1], _NUM.value, at_stage=False)
+  levels = scale["num_levels"]
   n = len(stages)
   rows = [{"guidance_w": None, "num_videos": len(real),   # the data: what a cascade approaches
-           **video_eval.video_report(real, prompts, num_levels=levels)}]
+           **video_eval.video_report(real, prompts, **scale)}]
   print(json.dumps(rows[0]))
   for w, aug_levels in [(v, a) for v in weights for a in aug_settings]:
     result = cascade.run_cascade(stages, prompts, num_per_prompt=1, steps=steps,
@@ -155,7 +159,7 @@ def evaluate_stages(stages, weights, steps, aug_settings) -> list[dict]:
       except ValueError as e:
         raise config_flags.InputError(f"{e}: --stages must be one cascade (base first) over "
                                       "the same data") from None
-      report = video_eval.video_report(clips, prompts, reference=reference, num_levels=levels)
+      report = video_eval.video_report(clips, prompts, reference=reference, **scale)
       row.update({f"stage{i}_{k}": v for k, v in report.items()})
     print(json.dumps(row))
     rows.append(row)

@@ -165,6 +165,29 @@ def test_bouncing_reverses_at_the_wall(sk_digits):
   assert flips >= 20
 
 
+def test_digit_scale_draws_each_digit_k_times_larger_moving_by_the_rule(sk_digits):
+  """digit_scale 2 on 16 frames of 32x32: every frame holds sklearn's digit enlarged to 16x16
+  by pixel repetition, whole, at the corner the rule gives for a 16x16 digit (the rule on a
+  canvas 8 px smaller per side, since only the room H - 8k enters it); the track is the
+  frames' centre of mass."""
+  images, _ = sk_digits
+  source = pipeline.get_source("moving_digits:16x32x32", "test", digit_scale=2)
+  assert source.video_shape == (16, 32, 32, 1) and "digit_scale=2" in repr(source)
+  for i in range(0, 297, 11):
+    ex = source[i]
+    big = np.kron(images[1500 + i], np.ones((2, 2), np.uint8))
+    direction, v, corners = expected_motion(1500 + i, 0, 16, 32 - 8, 32 - 8, 1, 3)
+    assert (ex["direction"], ex["speed"]) == (direction, v) == (direction, 1)
+    for frame, (y, x) in zip(ex["video"][..., 0], corners):
+      np.testing.assert_array_equal(frame[y:y + 16, x:x + 16], big)
+      assert frame.sum() == big.sum()
+    np.testing.assert_allclose(ex["track"], centre_of_mass(ex["video"]), atol=1e-4)
+  with pytest.raises(ValueError, match="larger than the 16x16 digit"):
+    pipeline.get_source("moving_digits:4x16x16", "test", digit_scale=2)
+  with pytest.raises(ValueError, match="digit_scale must be a positive int"):
+    pipeline.get_source("moving_digits", "test", digit_scale=0)
+
+
 def test_captions_name_the_digit_and_vary():
   source = md.MovingDigitsSource("train")
   examples = [source[i] for i in range(0, 1500, 3)]

@@ -141,6 +141,41 @@ def test_cropping_all_test_digits(digits, clf):
   assert video.prompt_alignment(frames[:, None], labels) == pytest.approx(accuracy)
 
 
+def test_digit_scale_reads_enlarged_digits_as_the_digits(digits, clf):
+  """Every test digit enlarged 2x (pixel repetition) and pasted at random on 40x40: with
+  digit_scale=2 the 8x8 crop is the digit itself about as often as at scale 1 (module
+  docstring, 90%) and otherwise the digit shifted by whole pixels, never blurred, so
+  alignment matches the classifier on the digits; a rigid move of one
+  pixel per frame is measured on the full frames (direction and FD's motion features)."""
+  images, labels = digits
+  rng = np.random.default_rng(1)
+  corners = rng.integers(0, 40 - 16 + 1, (len(images), 2))
+  frames = np.zeros((len(images), 40, 40), np.int64)
+  for f, d, (r, c) in zip(frames, images, corners):
+    f[r:r + 16, c:c + 16] = np.kron(d, np.ones((2, 2), np.int64))
+  crops = video.crop_digits(frames[:, None], digit_scale=2)[:, 0]
+  exact = np.mean(np.all(crops == images, axis=(1, 2)))
+  # Every crop is the whole digit, unblurred, at worst shifted across its empty border.
+  assert all(any(np.array_equal(c, p) for p in placements_that_keep_the_digit(d))
+             for c, d in zip(crops, images))
+  assert 0.85 < exact < 0.93   # 0.88 here, against 0.90 at scale 1
+  accuracy = np.mean(clf.predict(crops[..., None]) == labels)
+  assert accuracy > 0.9 and abs(accuracy - np.mean(clf.predict(images[..., None]) == labels)) < 0.03
+  assert video.prompt_alignment(frames[:, None], labels, digit_scale=2) == pytest.approx(accuracy)
+  # Read at scale 1, the 16x16 digits are cropped to a quarter of a digit: far worse.
+  assert video.prompt_alignment(frames[:, None], labels) < 0.5
+  # A 2x digit moving right one pixel per frame for 7 frames.
+  clip = np.zeros((1, 7, 40, 40), np.int64)
+  for f in range(7):
+    clip[0, f, 5:21, 3 + f:19 + f] = np.kron(images[0], np.ones((2, 2), np.int64))
+  report = video.video_report(clip, [f"the digit {labels[0]} moving right"], digit_scale=2)
+  assert report["direction_accuracy"] == 1.0
+  np.testing.assert_allclose(video.motion_features(video.centres_of_mass(clip))[0],
+                             [0, 1, 0, 0, 1], atol=1e-12)
+  with pytest.raises(ValueError, match="digits fit the 12x12 frames"):
+    video.crop_digits(np.zeros((1, 1, 12, 12)), digit_scale=2)
+
+
 def test_direction_accuracy(digits, clf):
   images, labels = digits[0][:50], digits[1][:50]
   videos, dirs, captions = batch(images, labels, DIRS)

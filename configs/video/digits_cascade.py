@@ -1,6 +1,8 @@
 r"""An Imagen Video-style cascade on the embedded moving digits (Ho et al. 2022b, sec. 2.2):
 a base stage of 8 frames of 16x16, a temporal super-resolution stage to 16 frames, and a
-spatial one to 32x32, all from the same data, moving_digits:16x32x32 (16 frames of 32x32).
+spatial one to 32x32, all from the same data, moving_digits:16x32x32 (16 frames of 32x32)
+with the digits drawn twice as large (16x16, digit_scale 2), so the base sees the 8x8
+digits of configs/video/moving_digits.py moving 1 pixel per frame across 16x16, as there.
 
   python -m launch.train --config configs/video/digits_cascade.py:base --workdir runs/vbase
   python -m launch.train --config configs/video/digits_cascade.py:tsr --workdir runs/vtsr
@@ -24,6 +26,7 @@ from configs.video import moving_digits
 from configs.video.common import stage_config
 
 DATA = "moving_digits:16x32x32"
+DIGIT_SCALE = 2
 STAGES = ("base", "tsr", "ssr")
 
 
@@ -57,6 +60,7 @@ def get_config(arg=None):
   else:
     c = _sr_stage(num_frames=16, resolution=32, lowres_size=16)
   c.data.name = DATA
+  c.data.video_options.digit_scale = DIGIT_SCALE
   if local and stage != "base":
     res = c.model.resolution
     c.model.unet_overrides.update(dict(

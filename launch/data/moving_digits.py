@@ -3,7 +3,9 @@
 Each video shows one of scikit-learn's 8x8 digits (17 grey levels, launch/data/digits.py)
 moving across a small black canvas, e.g. 8 frames of 16x16, captioned from the digit and
 its motion: "the digit 3 moving left". Videos are made on the fly from the example index,
-so they are identical on every call, process and machine, and nothing is stored.
+so they are identical on every call, process and machine, and nothing is stored. With
+`digit_scale = k` the digit is drawn k times larger (8k x 8k, pixel repetition), so a
+cascade's data at 2x the base's size shows the base's digits at the base's scale.
 
 Split: the digits' own (first 1,500 images train, last 297 test), imported from
 launch/data/digits.py, so the video and image models and the digits classifier that scores
@@ -13,7 +15,7 @@ with its own motion.
 
 The motion rule. Let g be the digit's index in `load_digits` (as for the digits' captions, so
 a video never depends on which split holds it), c the copy, F frames of H x W, the frame
-stride s, and R_y = H - 8, R_x = W - 8 the room for the digit's top-left corner. Take
+stride s, and R_y = H - 8k, R_x = W - 8k the room for the digit's top-left corner. Take
 h = crc32("moving_digits:{g}:{c}") (zlib, identical everywhere) and read it as a
 mixed-radix number, least significant digit first:
   1. direction = h mod 5: 0 left, 1 right, 2 up, 3 down, 4 bouncing;  h <- h div 5.
@@ -21,7 +23,7 @@ mixed-radix number, least significant digit first:
      v = k * s pixels per frame (s source steps of k pixels each).
      num_speeds = min(max_speed, min(R_y, R_x) // ((F - 1) s)) (max_speed when F = 1), so
      a straight move of (F - 1) v pixels always fits on the canvas; a clip that cannot fit
-     even at k = 1 (a canvas under 8 + (F - 1) s) is an error.
+     even at k = 1 (a canvas under 8k + (F - 1) s) is an error.
   3. the start (y0, x0) of the top-left corner, with D = (F - 1) v; each draw "h mod r"
      is followed by h <- h div r:
      left:  x0 = D + h mod (R_x - D + 1), then y0 = h mod (R_y + 1)
@@ -60,7 +62,8 @@ from launch.data import synthetic
 DIRECTIONS = ("left", "right", "up", "down", "bouncing")
 LEFT, RIGHT, UP, DOWN, BOUNCING = range(5)
 DIGIT_SIZE = 8  # the digits are 8x8
-OPTIONS = ("num_frames", "canvas", "frame_stride", "max_speed", "videos_per_digit")
+OPTIONS = ("num_frames", "canvas", "frame_stride", "max_speed", "videos_per_digit",
+           "digit_scale")
 
 # Each subject names the digit exactly once; {a_word} is "a seven" / "an eight".
 CAPTION_SUBJECTS = (
@@ -100,19 +103,19 @@ def reflect(u, room: int):
 
 
 def num_speeds(canvas: tuple[int, int], num_frames: int, frame_stride: int,
-               max_speed: int) -> int:
+               max_speed: int, digit: int = DIGIT_SIZE) -> int:
   """How many speeds k = 1..num_speeds keep a straight move on the canvas (step 2)."""
-  room = min(canvas[0], canvas[1]) - DIGIT_SIZE
+  room = min(canvas[0], canvas[1]) - digit
   if num_frames == 1:
     return max_speed
   return min(max_speed, room // ((num_frames - 1) * frame_stride))
 
 
 def motion_for(key_hash: int, canvas: tuple[int, int], num_frames: int, frame_stride: int,
-               speeds: int) -> Motion:
+               speeds: int, digit: int = DIGIT_SIZE) -> Motion:
   """Steps 1-3 of the rule: a Motion from h = crc32 of the example's key."""
   h = int(key_hash)
-  room_y, room_x = canvas[0] - DIGIT_SIZE, canvas[1] - DIGIT_SIZE
+  room_y, room_x = canvas[0] - digit, canvas[1] - digit
 
   def take(radix):
     nonlocal h
@@ -135,7 +138,8 @@ def motion_for(key_hash: int, canvas: tuple[int, int], num_frames: int, frame_st
   return Motion(direction, speed, y0, x0, sign_y, sign_x, h)
 
 
-def corner_track(motion: Motion, canvas: tuple[int, int], num_frames: int) -> np.ndarray:
+def corner_track(motion: Motion, canvas: tuple[int, int], num_frames: int,
+                 digit: int = DIGIT_SIZE) -> np.ndarray:
   """Step 4: the digit's top-left corner (row, col) in each frame, int [F, 2]."""
   f = np.arange(num_frames)
   step = motion.speed * f
@@ -150,8 +154,8 @@ def corner_track(motion: Motion, canvas: tuple[int, int], num_frames: int) -> np
   elif motion.direction == DOWN:
     y = y + step
   else:
-    y = reflect(motion.y0 + motion.sign_y * step, canvas[0] - DIGIT_SIZE)
-    x = reflect(motion.x0 + motion.sign_x * step, canvas[1] - DIGIT_SIZE)
+    y = reflect(motion.y0 + motion.sign_y * step, canvas[0] - digit)
+    x = reflect(motion.x0 + motion.sign_x * step, canvas[1] - digit)
   return np.stack([y, x], axis=1).astype(np.int64)
 
 
@@ -203,38 +207,45 @@ class MovingDigitsSource:
 
   def __init__(self, split: str = "train", *, num_frames: int = 8,
                canvas: tuple[int, int] = (16, 16), frame_stride: int = 1,
-               max_speed: int = 3, videos_per_digit: int = 1):
+               max_speed: int = 3, videos_per_digit: int = 1, digit_scale: int = 1):
     for name, value in (("num_frames", num_frames), ("frame_stride", frame_stride),
-                        ("max_speed", max_speed), ("videos_per_digit", videos_per_digit)):
+                        ("max_speed", max_speed), ("videos_per_digit", videos_per_digit),
+                        ("digit_scale", digit_scale)):
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"moving digits: {name} must be a positive int, got {value!r}")
     canvas = tuple(int(c) for c in canvas)
-    if len(canvas) != 2 or min(canvas) <= DIGIT_SIZE:
+    self.digit_scale = int(digit_scale)
+    self.digit_size = size = DIGIT_SIZE * self.digit_scale
+    if len(canvas) != 2 or min(canvas) <= size:
       raise ValueError(f"moving digits: canvas must be (height, width) larger than the "
-                       f"{DIGIT_SIZE}x{DIGIT_SIZE} digit so it can move, got {canvas}")
+                       f"{size}x{size} digit (digit_scale {self.digit_scale}) so it can move, "
+                       f"got {canvas}")
     self.split = split
     self.num_frames, self.canvas = int(num_frames), canvas
     self.frame_stride, self.max_speed = int(frame_stride), int(max_speed)
     self.videos_per_digit = int(videos_per_digit)
-    self.num_speeds = num_speeds(canvas, self.num_frames, self.frame_stride, self.max_speed)
+    self.num_speeds = num_speeds(canvas, self.num_frames, self.frame_stride, self.max_speed,
+                                 size)
     if self.num_speeds < 1:
-      need = DIGIT_SIZE + (self.num_frames - 1) * self.frame_stride
+      need = size + (self.num_frames - 1) * self.frame_stride
       raise ValueError(
           f"moving digits: {self.num_frames} frames at frame_stride {self.frame_stride} move "
-          f"a digit at least {need - DIGIT_SIZE} px, more than a {canvas[0]}x{canvas[1]} "
-          f"canvas leaves an {DIGIT_SIZE}x{DIGIT_SIZE} digit ({min(canvas) - DIGIT_SIZE} px): "
+          f"a digit at least {need - size} px, more than a {canvas[0]}x{canvas[1]} "
+          f"canvas leaves an {size}x{size} digit ({min(canvas) - size} px): "
           f"use a canvas of at least {need}x{need}, fewer frames or a smaller frame_stride")
     self.frame_shape = (*canvas, 1)
     self.image_shape = self.frame_shape
     self.video_shape = (self.num_frames, *self.frame_shape)
     self._digits = digits_lib.DigitsSource(split, with_captions=False)
     images, _ = digits_lib.load_all()
-    # The digit's own centre of mass (row, col), mass = grey level: the track's offset.
+    # The digit's own centre of mass (row, col), mass = grey level: the track's offset. A
+    # digit enlarged k times by pixel repetition has it at k c + (k - 1) / 2.
     mass = images[..., 0].astype(np.float64)
     rows = np.arange(DIGIT_SIZE, dtype=np.float64)
     total = mass.sum(axis=(1, 2))
-    self._digit_com = np.stack([(mass.sum(2) * rows).sum(1) / total,
-                                (mass.sum(1) * rows).sum(1) / total], axis=1)
+    com = np.stack([(mass.sum(2) * rows).sum(1) / total,
+                    (mass.sum(1) * rows).sum(1) / total], axis=1)
+    self._digit_com = self.digit_scale * com + (self.digit_scale - 1) / 2
 
   def __len__(self) -> int:
     return len(self._digits) * self.videos_per_digit
@@ -248,7 +259,8 @@ class MovingDigitsSource:
     """The motion of example i (module docstring, steps 1-3)."""
     g, copy = self.key(i)
     h = zlib.crc32(f"moving_digits:{g}:{copy}".encode())
-    return motion_for(h, self.canvas, self.num_frames, self.frame_stride, self.num_speeds)
+    return motion_for(h, self.canvas, self.num_frames, self.frame_stride, self.num_speeds,
+                      self.digit_size)
 
   def caption(self, i: int) -> str:
     """source[i]["caption"] without drawing the video (text_cache.encode_split uses it)."""
@@ -263,10 +275,12 @@ class MovingDigitsSource:
     g, _ = self.key(i)
     digit = self._digits[i % len(self._digits)]
     motion = self.motion(i)
-    corners = corner_track(motion, self.canvas, self.num_frames)
+    corners = corner_track(motion, self.canvas, self.num_frames, self.digit_size)
+    image = np.kron(digit["image"], np.ones((self.digit_scale, self.digit_scale, 1), np.uint8))
     video = np.zeros(self.video_shape, np.uint8)
+    size = self.digit_size
     for f, (y, x) in enumerate(corners):
-      video[f, y:y + DIGIT_SIZE, x:x + DIGIT_SIZE] = digit["image"]
+      video[f, y:y + size, x:x + size] = image
     label = int(digit["label"])
     return {"video": video, "label": np.int32(label),
             "caption": caption_for(label, motion.direction, motion.phrasing),
@@ -277,14 +291,15 @@ class MovingDigitsSource:
     # grain checks repr(source) when restoring an iterator state: no addresses.
     return (f"MovingDigitsSource(split={self.split!r}, num_frames={self.num_frames}, "
             f"canvas={self.canvas}, frame_stride={self.frame_stride}, "
-            f"max_speed={self.max_speed}, videos_per_digit={self.videos_per_digit})")
+            f"max_speed={self.max_speed}, videos_per_digit={self.videos_per_digit}"
+            + (f", digit_scale={self.digit_scale})" if self.digit_scale > 1 else ")"))
 
 
 def from_name(name: str, split: str, **options) -> MovingDigitsSource:
   """The registry's entry: "moving_digits" (8 frames of 16x16) or "moving_digits:FxHxW".
 
-  options: frame_stride, max_speed, videos_per_digit (and num_frames / canvas when the
-  name gives no shape).
+  options: frame_stride, max_speed, videos_per_digit, digit_scale (and num_frames / canvas
+  when the name gives no shape).
   """
   if name != "moving_digits":
     if not name.startswith("moving_digits:"):
