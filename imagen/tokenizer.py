@@ -10,16 +10,22 @@ caption becomes
 
 which is what Hugging Face's T5 tokenizer gives with padding="max_length" and
 truncation=True (it truncates the pieces and keeps the EOS last; tests/test_tokenizer.py
-checks id for id against `transformers.T5Tokenizer` on the same .model file).
+checks id for id against `transformers.T5Tokenizer` on the same unigram .model file, the
+type of T5's vocabulary; transformers converts any spiece.model as a unigram one, so it does
+not read the BPE offline default right).
 
 Real T5 checkpoints come with their vocabulary (`spiece.model` in a Hugging Face directory,
 32,000 pieces; the model's 32,128 embedding rows also cover 100 sentinel ids that captions
 never use). `load_tokenizer` reads either.
 
 OFFLINE DEFAULT: with no checkpoint at hand, `default_tokenizer()` loads a small
-sentencepiece model trained on the digits captions (imagen/assets/digits_spm.model, about
-100 pieces, built by `regenerate_default_asset`). It is NOT T5's vocabulary: ids from it
-mean nothing to a pretrained T5, and it pairs only with a randomly initialised encoder.
+sentencepiece model trained on the captions of the embedded data, the digits and the moving
+digits (imagen/assets/digits_spm.model, 256 pieces, built by `regenerate_default_asset`).
+It is NOT T5's vocabulary: ids from it mean nothing to a pretrained T5, and it pairs only
+with a randomly initialised encoder. It is a BPE model, not T5's unigram: on a corpus this
+small and repetitive the unigram trainer stops at 124 pieces and spells "left", "right",
+"up", "down" letter by letter, which left a text-to-video model no word for the motion
+(direction accuracy at chance); BPE makes every caption word one piece.
 """
 
 import hashlib
@@ -36,7 +42,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # T5's fixed special ids (no BOS)
 DEFAULT_MAX_LENGTH = 128  # Imagen's text length
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_SPM_PATH = os.path.join(ASSET_DIR, "digits_spm.model")
-DEFAULT_VOCAB_SIZE = 128  # an upper bound: the digits captions yield about 100 pieces
+DEFAULT_VOCAB_SIZE = 256  # an upper bound (hard_vocab_limit=False)
 OFFLINE_WARNING = ("OFFLINE DEFAULT: small sentencepiece model trained on digit captions, "
                    "not T5's vocabulary")
 
@@ -135,8 +141,9 @@ class T5Tokenizer:
 
 
 def train_offline_spm(captions: Iterable[str], out_prefix: str,
-                      vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-  """Trains a T5-style unigram sentencepiece model on `captions`; returns its .model path.
+                      vocab_size: int = DEFAULT_VOCAB_SIZE, model_type: str = "bpe") -> str:
+  """Trains a sentencepiece model (BPE by default, see the module docstring's OFFLINE
+  DEFAULT; "unigram" as T5's) with T5's special ids on `captions`; returns its .model path.
 
   Same special ids as T5 (pad 0, eos 1, unk 2, no bos) and T5's default normaliser
   (nmt_nfkc). `vocab_size` is an upper bound (hard_vocab_limit=False): a small corpus
@@ -152,7 +159,7 @@ def train_offline_spm(captions: Iterable[str], out_prefix: str,
                      f"{minimum} pieces for ASCII letters, digits, punctuation and specials")
   buffer = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(captions), model_writer=buffer, model_type="unigram",
+      sentence_iterator=iter(captions), model_writer=buffer, model_type=model_type,
       vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0,
       required_chars=_REQUIRED_CHARS, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
       bos_id=-1, normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2)

@@ -355,7 +355,7 @@ def _write_tiny_hf_checkpoint(directory):
   """A random T5 v1.1-shaped encoder in Hugging Face's file layout, with our vocabulary."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from imagen import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  v, d, kv, h, f, n = 128, 16, 4, 2, 24, 2
+  v, d, kv, h, f, n = 256, 16, 4, 2, 24, 2
   rng = np.random.default_rng(3)
   w = lambda *shape: rng.normal(0, 0.5, shape).astype(np.float32)
   tensors = {"shared.weight": w(v, d), "encoder.final_layer_norm.weight": 1 + w(d)}

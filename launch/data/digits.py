@@ -42,13 +42,17 @@ CAPTION_TEMPLATES = (
 )
 
 
+def with_article(word: str) -> str:
+  """"a seven", "an eight", "a one" (the article goes by sound: "one" starts with a w)."""
+  return ("an " if word[0] in "aeiou" and word != "one" else "a ") + word
+
+
 def caption_phrasings(label: int) -> list[str]:
   """Every phrasing of the caption for one digit, in the order of CAPTION_TEMPLATES."""
   if not 0 <= int(label) < NUM_CLASSES:
     raise ValueError(f"digit label must be in 0..9, got {label}")
   word = DIGIT_WORDS[int(label)]
-  a_word = ("an " if word[0] in "aeiou" else "a ") + word
-  return [t.format(word=word, a_word=a_word, numeral=str(int(label)))
+  return [t.format(word=word, a_word=with_article(word), numeral=str(int(label)))
           for t in CAPTION_TEMPLATES]
 
 

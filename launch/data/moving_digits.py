@@ -164,8 +164,7 @@ def caption_phrasings(label: int, direction: int) -> list[str]:
   if not 0 <= int(label) < digits_lib.NUM_CLASSES:
     raise ValueError(f"digit label must be in 0..9, got {label}")
   word = digits_lib.DIGIT_WORDS[int(label)]
-  a_word = ("an " if word[0] in "aeiou" else "a ") + word
-  subjects = [s.format(numeral=str(int(label)), word=word, a_word=a_word)
+  subjects = [s.format(numeral=str(int(label)), word=word, a_word=digits_lib.with_article(word))
               for s in CAPTION_SUBJECTS]
   return [f"{s} {m}" for s in subjects for m in MOTION_PHRASES[int(direction)]]
 
