@@ -63,6 +63,13 @@ labels, guidance weight. One embedding per example, shared by its frames. New he
   * cond["fps"] float [B] (if fps_cond): the clip's frame rate (clips are taken at a
     frame stride, so one net serves several rates, as Make-A-Video conditions on fps),
     embedded like the time, sinusoidal(fps) -> MLP, and added to emb.
+  * frame_index_cond: each video frame's index q = 0..F-1 in its clip, sinusoidal(q) -> MLP,
+    added to that frame's embedding (image frames of joint training get none). Not in Ho et
+    al., whose net knows order only through the relative bias: that bias says which frame
+    comes first, but not where in the clip a frame sits, which a caption's motion needs (the
+    digit "moving left" starts right of where it ends). Measured on the moving digits
+    (README "Video"): with the bias alone the samples move along the captioned axis but
+    left/right and up/down are a coin flip.
     Image examples carry no frame rate; the pipeline should give them a fixed value
     (e.g. 0), which the net then learns to read as "images".
 
@@ -184,6 +191,7 @@ class VideoUNet(EfficientUNet):
       head dimension, 64); else num_heads everywhere. The text pooling uses num_heads.
     num_buckets, max_distance: T5 relative-position buckets of the temporal attention.
     fps_cond: require cond["fps"] (float [B]) and add its embedding.
+    frame_index_cond: add an embedding of each video frame's index to its embedding.
     shard_activations: optional hook fn(x, VIDEO_AXES) -> x for the [B, F, H, W, C]
       activations, used instead of `vdm.nets.sharding`'s active hook (module docstring).
   cond keys: text_emb/text_mask (if text_dim), lowres/aug_logsnr (if lowres_cond), label,
@@ -198,7 +206,8 @@ class VideoUNet(EfficientUNet):
                temporal_conv_resolutions: Sequence[int] = (), num_heads: int = 8,
                head_dim: int | None = None, num_buckets: int = 64, max_distance: int = 128,
                text_dim: int | None = None, lowres_cond: bool = False,
-               num_classes: int | None = None, fps_cond: bool = False, dropout: float = 0.0,
+               num_classes: int | None = None, fps_cond: bool = False,
+               frame_index_cond: bool = False, dropout: float = 0.0,
                emb_ch: int | None = None, out_channels: int | None = None,
                guidance_embedding: bool = False, scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, in_channels: int | None = None,
@@ -287,6 +296,8 @@ class VideoUNet(EfficientUNet):
     self._output_modules(cur, ch, emb_ch, guidance_embedding, dtype, rngs)
     # Created last, so that the other weights do not depend on this flag at a given seed.
     self.fps_emb = layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs) if fps_cond else None
+    self.frame_emb = (layers.EmbeddingMLP(ch, emb_ch, dtype=dtype, rngs=rngs)
+                      if frame_index_cond else None)
 
   # --- conditioning ---
 
@@ -305,6 +316,15 @@ class VideoUNet(EfficientUNet):
                        f"scalar), got {list(fps.shape)}")
     feats = layers.sinusoidal_embedding(fps, self.ch).astype(self.dtype)
     return emb + self.fps_emb(feats).astype(emb.dtype)
+
+  def frame_index_embedding(self, links) -> jax.Array:
+    """[B, F, emb_ch]: MLP(sinusoidal(q)) for video frame q; zero for a frame linked to no
+    other (an image of joint training, or the frame of a one-frame clip), so image frames
+    stay the image net's."""
+    feats = layers.sinusoidal_embedding(jnp.arange(links.shape[1], dtype=jnp.float32), self.ch)
+    table = self.frame_emb(feats.astype(self.dtype))              # [F, emb_ch]
+    video = links.sum(axis=-1) > 1
+    return jnp.where(video[..., None], table[None], 0)
 
   def _constrain(self, h, batch: int, frames: int):
     """Constrains the [B, F, H, W, C] view of folded activations (vdm/nets/sharding.py, or
@@ -333,6 +353,8 @@ class VideoUNet(EfficientUNet):
     # Fold the frames into the batch (frame-minor): one embedding and text per example.
     per_frame = lambda a: jnp.repeat(a, f, axis=0)
     emb = per_frame(emb)
+    if self.frame_emb is not None:
+      emb = emb + self.frame_index_embedding(links).reshape(b * f, -1).astype(emb.dtype)
     text = None if text is None else tuple(per_frame(a) for a in text)
     keys = layers.split_key(dropout_key, 2 * self.levels)
 

@@ -261,6 +261,45 @@ def test_text_and_fps_reach_the_output(model, base):
   assert differ(out_dropped[2], base[2])
 
 
+def test_frame_index_embedding_tells_video_frames_apart_and_leaves_images_alone():
+  """A clip of one frame repeated, with every temporal layer zeroed (frames cannot mix):
+  without frame_index_cond every frame gives the same output; with it each video frame
+  differs (it knows its index) while image frames stay equal to each other and to the
+  single-frame net, as joint training needs."""
+  z, logsnr, cond = inputs()
+  same = jnp.repeat(z[:, :1], F, axis=1)
+
+  def frozen_time(net):   # zero the temporal attention and convolution weights
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    flat = [(p, v.replace(jnp.zeros_like(v.get_value()))
+             if any(str(k).startswith("temporal") for k in p) else v)
+            for p, v in nnx.to_flat_state(params)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+  plain = apply(frozen_time(random_params(nnx.eval_shape(make))), same, logsnr, cond)
+  for b in range(B):
+    np.testing.assert_allclose(plain[b], np.broadcast_to(plain[b, :1], plain[b].shape),
+                               atol=1e-5 * np.abs(plain).max())
+  net = frozen_time(random_params(nnx.eval_shape(lambda: make(frame_index_cond=True))))
+  out = apply(net, same, logsnr, cond)
+  for b in range(B):
+    video = np.flatnonzero(~IS_IMAGE[b])
+    images = np.flatnonzero(IS_IMAGE[b])
+    for i in video:
+      for j in range(F):
+        if j != i:
+          assert differ(out[b, i], out[b, j]), (b, i, j)
+    for i in images[1:]:
+      np.testing.assert_allclose(out[b, i], out[b, images[0]], atol=1e-5 * np.abs(out).max())
+  per_frame = lambda a: jnp.repeat(a, F, axis=0)
+  single = apply(net, same.reshape(B * F, 1, H, H, C), per_frame(logsnr),
+                 {"text_emb": per_frame(cond["text_emb"]),
+                  "text_mask": per_frame(cond["text_mask"]), "fps": per_frame(cond["fps"]),
+                  "is_image": jnp.zeros((B * F, 1), bool)}).reshape(out.shape)
+  np.testing.assert_allclose(out[IS_IMAGE], single[IS_IMAGE], rtol=0,
+                             atol=1e-5 * np.abs(out).max())
+
+
 # --- parameters, sharding, scanning -----------------------------------------------------------
 
 

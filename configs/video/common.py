@@ -32,6 +32,7 @@ def stage_config(*, num_frames: int, resolution, unet_preset: str, text_dim: int
       tsr_fill="repeat",              # TSR: frames between known ones: repeat | blank
       fps_cond=False,                 # condition on the frame rate (cond["fps"] = fps)
       fps=0.0,                        # the clips' frame rate, when fps_cond
+      frame_index_cond=False,         # embed each frame's index in its clip (imagen/video_unet)
       joint_image_fraction=0.0,       # Ho et al. sec. 3.2: share of examples made images
       # (H, W) of random training crops, the same window in every frame (SR stages without
       # spatial attention; Imagen Video's ssr3); sampling is on whole frames. (): no crops.
