@@ -196,6 +196,14 @@ def test_direction_accuracy(digits, clf):
   still = make_video(images[0], np.full((FRAMES, 2), 4))[None]
   assert video.motion_directions(video.centres_of_mass(still))[0] == video.STATIC
   assert video.direction_accuracy(np.repeat(still, 5, 0), list(range(5))) == 0.0
+  assert video.axis_accuracy(np.repeat(still, 5, 0), list(range(5))) == 0.0
+  # Played backwards, straight moves go the other way along the same axis: direction 0 and
+  # axis 1 for them; bounces stay bounces (both 1). 40 straight clips and 10 bouncing.
+  backwards = videos[:, ::-1]
+  straight = np.array([d != "bouncing" for d in dirs])
+  assert video.direction_accuracy(backwards, captions) == pytest.approx(np.mean(~straight))
+  assert video.axis_accuracy(backwards, captions) == 1.0
+  assert video.axis_accuracy(videos, wrong) == pytest.approx(np.mean(straight))
 
 
 def test_centres_of_mass_of_pasted_digits(digits):
@@ -249,7 +257,7 @@ def test_video_features_and_frechet_distance(digits, clf):
   report = video.video_report(videos, [caption(int(l), d, 1) for l, d in zip(labels, dirs)],
                               reference=videos)
   assert report["direction_accuracy"] == 1.0 and abs(report["fd"]) < 1e-6
-  assert set(report) == {"alignment", "direction_accuracy", "consistency", "fd"}
+  assert set(report) == {"alignment", "direction_accuracy", "axis_accuracy", "consistency", "fd"}
 
 
 @pytest.mark.parametrize("call, error, match", [
