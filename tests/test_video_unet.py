@@ -90,6 +90,16 @@ def base(model):
   return apply(model, *inputs())
 
 
+def as_single_frames(model, z, logsnr, cond):
+  """The net on every frame alone, as B * F one-frame clips with their clip's conditions,
+  reshaped back to [B, F, ...]."""
+  per_frame = lambda a: jnp.repeat(a, F, axis=0)
+  return apply(model, z.reshape(B * F, 1, H, H, C), per_frame(logsnr),
+               {"text_emb": per_frame(cond["text_emb"]),
+                "text_mask": per_frame(cond["text_mask"]), "fps": per_frame(cond["fps"]),
+                "is_image": jnp.zeros((B * F, 1), bool)}).reshape(z.shape[:2] + (H, H, C))
+
+
 def differ(a, b):
   return np.abs(a - b).max() > 1e-3
 
@@ -101,11 +111,7 @@ def test_image_frames_equal_single_frame_clips(model, base):
   """Each image frame's output is the net on that frame alone, as a one-frame clip (whose
   temporal layers have nothing to mix); video frames differ from it."""
   z, logsnr, cond = inputs()
-  per_frame = lambda a: jnp.repeat(a, F, axis=0)
-  single = apply(model, z.reshape(B * F, 1, H, H, C), per_frame(logsnr),
-                 {"text_emb": per_frame(cond["text_emb"]),
-                  "text_mask": per_frame(cond["text_mask"]), "fps": per_frame(cond["fps"]),
-                  "is_image": jnp.zeros((B * F, 1), bool)}).reshape(base.shape)
+  single = as_single_frames(model, z, logsnr, cond)
   np.testing.assert_allclose(base[IS_IMAGE], single[IS_IMAGE], rtol=0,
                              atol=1e-5 * np.abs(base).max())
   for b, f in zip(*np.nonzero(~IS_IMAGE)):
@@ -291,11 +297,7 @@ def test_frame_index_embedding_tells_video_frames_apart_and_leaves_images_alone(
           assert differ(out[b, i], out[b, j]), (b, i, j)
     for i in images[1:]:
       np.testing.assert_allclose(out[b, i], out[b, images[0]], atol=1e-5 * np.abs(out).max())
-  per_frame = lambda a: jnp.repeat(a, F, axis=0)
-  single = apply(net, same.reshape(B * F, 1, H, H, C), per_frame(logsnr),
-                 {"text_emb": per_frame(cond["text_emb"]),
-                  "text_mask": per_frame(cond["text_mask"]), "fps": per_frame(cond["fps"]),
-                  "is_image": jnp.zeros((B * F, 1), bool)}).reshape(out.shape)
+  single = as_single_frames(net, same, logsnr, cond)
   np.testing.assert_allclose(out[IS_IMAGE], single[IS_IMAGE], rtol=0,
                              atol=1e-5 * np.abs(out).max())
 
