@@ -119,6 +119,11 @@ def digit_centre() -> np.ndarray:
   return centres_of_mass(images[None, ..., 0])[0].mean(axis=0)
 
 
+def scaled_digit_centre(k: int) -> np.ndarray:
+  """The mean digit centre (row, col) in a digit drawn k times larger: k c + (k - 1) / 2."""
+  return k * digit_centre() + (k - 1) / 2
+
+
 def crop_corners(frames, digit_scale: int = 1) -> np.ndarray:
   """Top-left corners [M, 2] of the 8k x 8k crops of frames [M, H, W], k = digit_scale
   (module docstring; a k times larger digit has its centre at k c + (k - 1) / 2 and the
@@ -126,7 +131,7 @@ def crop_corners(frames, digit_scale: int = 1) -> np.ndarray:
   frames = np.asarray(frames, np.float64)
   m, h, w = frames.shape
   k = int(digit_scale)
-  size, slide, centre = DIGIT * k, SLIDE * k, k * digit_centre() + (k - 1) / 2
+  size, slide, centre = DIGIT * k, SLIDE * k, scaled_digit_centre(k)
   com = centres_of_mass(frames[:, None])[:, 0]
   start = np.rint(com - centre)
   integral = np.zeros((m, h + 1, w + 1))
@@ -161,7 +166,7 @@ def crop_digits(videos, digit_scale: int = 1) -> np.ndarray:
     raise ValueError(f"digit_scale {digit_scale} must be a positive int whose {size}x{size} "
                      f"digits fit the {h}x{w} frames.")
   if (h, w) == (size, size):
-    crops = videos
+    crops = videos.reshape(n * f, size, size)
   else:
     frames = videos.reshape(n * f, h, w)
     corners = crop_corners(frames, k)
@@ -195,7 +200,7 @@ def on_block_grid(frames, corners, k: int) -> np.ndarray:
   frames = np.asarray(frames, np.float64)
   m, h, w = frames.shape
   size = DIGIT * k
-  ideal = centres_of_mass(frames[:, None])[:, 0] - (k * digit_centre() + (k - 1) / 2)
+  ideal = centres_of_mass(frames[:, None])[:, 0] - scaled_digit_centre(k)
   shifts = [(dy, dx) for dy in range(1 - k, k) for dx in range(1 - k, k)]
   scores = []
   for dy, dx in shifts:
@@ -385,8 +390,9 @@ def at_reference_scale(videos, reference):
 
 def video_report(videos, prompts=None, reference=None, num_levels: int = dc.NUM_LEVELS,
                  digit_scale: int = 1) -> dict:
-  """{"alignment", "direction_accuracy", "consistency", "fd"}: the first two need `prompts`
-  (captions naming a digit and a direction), "fd" needs `reference` (real videos)."""
+  """{"alignment", "direction_accuracy", "axis_accuracy", "consistency", "fd"}: the first
+  three need `prompts` (captions naming a digit and a direction), "fd" needs `reference`
+  (real videos). `digit_scale`: the data's (module docstring)."""
   scale = dict(num_levels=num_levels, digit_scale=digit_scale)
   report = {"consistency": identity_consistency(videos, **scale)}
   if prompts is not None:

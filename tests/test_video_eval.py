@@ -172,6 +172,10 @@ def test_digit_scale_reads_enlarged_digits_as_the_digits(digits, clf):
   assert report["direction_accuracy"] == 1.0
   np.testing.assert_allclose(video.motion_features(video.centres_of_mass(clip))[0],
                              [0, 1, 0, 0, 1], atol=1e-12)
+  # Frames exactly the 2x digit's size are reduced as they are.
+  whole = np.repeat(np.kron(images[:5], np.ones((1, 2, 2), np.int64))[:, None], 3, axis=1)
+  np.testing.assert_array_equal(video.crop_digits(whole, digit_scale=2),
+                                np.repeat(images[:5, None], 3, axis=1))
   with pytest.raises(ValueError, match="digits fit the 12x12 frames"):
     video.crop_digits(np.zeros((1, 1, 12, 12)), digit_scale=2)
 
