@@ -66,7 +66,7 @@ class TemporalAttention(nnx.Module):
   """
 
   def __init__(self, channels: int, *, num_heads: int, num_buckets: int, max_distance: int,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               bias_init_std: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads, self.num_buckets, self.max_distance = num_heads, num_buckets, max_distance
     self.norm = layers.GroupNorm(channels, rngs=rngs)
     self.q = layers.dense(channels, channels, layers.ATTN_QKV, dtype=dtype, rngs=rngs)
@@ -74,7 +74,8 @@ class TemporalAttention(nnx.Module):
     self.v = layers.dense(channels, channels, layers.ATTN_QKV, dtype=dtype, rngs=rngs)
     self.out = layers.dense(channels, channels, layers.ATTN_OUT, zero_init=True, dtype=dtype,
                             rngs=rngs)
-    init = layers.partitioned(layers.zeros, REL_BIAS)
+    init = layers.partitioned(nnx.initializers.normal(bias_init_std) if bias_init_std
+                              else layers.zeros, REL_BIAS)
     self.rel_bias = nnx.Param(init(rngs.params(), (num_buckets, num_heads), jnp.float32))
 
   def position_bias(self, frames: int) -> jax.Array:

@@ -79,7 +79,9 @@ axis may split frames as it splits the batch; the temporal layers then need the 
 position together, which GSPMD arranges (an all-to-all). The [B, F, H, W, C] activations
 at the input, after every level and at the output go through `vdm.nets.sharding.constrain`
 with these names, the one mechanism of every net (the Efficient U-Net's blocks inside
-constrain their folded [B * F, H, W, C] views the same way): the identity unless the
+constrain their folded [B * F, H, W, C] views, whose first dim `sharding.folding_frames`
+names ("batch", "frames"), so a rule splitting the frames, launch/mesh.py's "fsdp_frames",
+keeps every per-frame layer on its chip's frames): the identity unless the
 caller, which owns the mesh, activates a hook (launch/setup.py does, with
 `launch.mesh.activation_hook`; imagen/ never imports launch/). A `shard_activations` hook
 given to the constructor (or set on the net) is used for those [B, F, ...] views instead
@@ -109,13 +111,14 @@ class SpaceTimeBlock(nnx.Module):
   """A spatial Efficient ResBlock (per frame) followed by the level's temporal layer."""
 
   def __init__(self, in_ch: int, out_ch: int, emb_ch: int, *, temporal: str | None,
-               num_heads: int, num_buckets: int, max_distance: int, dropout: float, dtype,
-               rngs: nnx.Rngs):
+               num_heads: int, num_buckets: int, max_distance: int, rel_bias_init_std: float,
+               dropout: float, dtype, rngs: nnx.Rngs):
     self.res = EfficientResBlock(in_ch, out_ch, emb_ch, dropout=dropout, adaptive_norm=True,
                                  dtype=dtype, rngs=rngs)
     if temporal == "attention":
       self.temporal = TemporalAttention(out_ch, num_heads=num_heads, num_buckets=num_buckets,
-                                        max_distance=max_distance, dtype=dtype, rngs=rngs)
+                                        max_distance=max_distance,
+                                        bias_init_std=rel_bias_init_std, dtype=dtype, rngs=rngs)
     elif temporal == "conv":
       self.temporal = TemporalConv(out_ch, dtype=dtype, rngs=rngs)
     else:
@@ -205,6 +208,7 @@ class VideoUNet(EfficientUNet):
                temporal_attn_resolutions: Sequence[int] | None = None,
                temporal_conv_resolutions: Sequence[int] = (), num_heads: int = 8,
                head_dim: int | None = None, num_buckets: int = 64, max_distance: int = 128,
+               rel_bias_init_std: float = 0.0,
                text_dim: int | None = None, lowres_cond: bool = False,
                num_classes: int | None = None, fps_cond: bool = False,
                frame_index_cond: bool = False, dropout: float = 0.0,
@@ -277,6 +281,7 @@ class VideoUNet(EfficientUNet):
       return dict(emb_ch=emb_ch, temporal=temporal, self_attn=sizes[i] in attn_resolutions,
                   cross_attn=sizes[i] in cross_attn_resolutions, text_dim=text_dim,
                   num_heads=heads[i], num_buckets=num_buckets, max_distance=max_distance,
+                  rel_bias_init_std=rel_bias_init_std,
                   dropout=dropout, scan_layers=scan_layers, remat=stack.check_remat(remat),
                   dtype=dtype, rngs=rngs)
 
@@ -359,14 +364,15 @@ class VideoUNet(EfficientUNet):
     keys = layers.split_key(dropout_key, 2 * self.levels)
 
     h = h.reshape((b * f,) + h.shape[2:]).astype(self.dtype)
-    h = self._constrain(self.conv_in(h), b, f)
-    skips = []
-    for level, key in zip(self.down, keys[:self.levels]):
-      h = self._constrain(level(h, emb, links, text, key), b, f)
-      skips.append(h)
-    skips[-1] = None  # the lowest level continues without a skip
-    for level, key, skip in zip(self.up, keys[self.levels:], reversed(skips)):
-      h = h if skip is None else jnp.concatenate([h, skip], axis=-1)
-      h = self._constrain(level(h, emb, links, text, key), b, f)
-    out = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
-    return self._constrain(out, b, f).reshape(b, f, hh, ww, self.out_channels)
+    with sharding.use(sharding.folding_frames(sharding.active())):  # [B * F, ...] below
+      h = self._constrain(self.conv_in(h), b, f)
+      skips = []
+      for level, key in zip(self.down, keys[:self.levels]):
+        h = self._constrain(level(h, emb, links, text, key), b, f)
+        skips.append(h)
+      skips[-1] = None  # the lowest level continues without a skip
+      for level, key, skip in zip(self.up, keys[self.levels:], reversed(skips)):
+        h = h if skip is None else jnp.concatenate([h, skip], axis=-1)
+        h = self._constrain(level(h, emb, links, text, key), b, f)
+      out = self.conv_out(jax.nn.swish(self.norm_out(h))).astype(z.dtype)
+      return self._constrain(out, b, f).reshape(b, f, hh, ww, self.out_channels)

@@ -21,7 +21,7 @@ Networks name the dimensions of their parameters with logical names (vdm/nets/la
 "conv_in", "conv_out", "embed", "mlp", "heads", "kv", "norm", "vocab" (None for unnamed
 dims); activations use "batch", "frames", "length", "height", "width", "channels". A rule set is a
 sequence of (logical_name, mesh_axis) pairs, mesh_axis a mesh axis name, a tuple of them,
-or None (replicated). `rules_for` gives three presets; switching between data parallel,
+or None (replicated). `rules_for` gives four presets; switching between data parallel,
 FSDP and tensor parallel is a change of `config.mesh.rules` and `config.mesh.ici` only.
 
 Model state is initialised by `sharded_init`: `jax.eval_shape` of the init, shardings from
@@ -185,6 +185,13 @@ PRESETS = {
                ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
                ("norm", None), ("vocab", "tensor")) + _ACTIVATIONS_REPLICATED,
 }
+# Video context parallelism: FSDP's weights, and each clip's frames split over the "tensor"
+# axis (which splits no weight here), so a chip holds F / tensor frames of its clips. For
+# clips whose activations do not fit one chip (Imagen Video's 128-frame stages). The video
+# input is split the same way (launch/setup.batch_shardings); spatial layers run on the
+# local frames, temporal layers exchange the frames they need (GSPMD collectives). Keep
+# the "tensor" axis within a host (mesh.ici), since a host loads whole clips.
+PRESETS["fsdp_frames"] = (("frames", "tensor"),) + PRESETS["fsdp"]
 
 _ACTIVATION_DEFAULTS = (("batch", BATCH_AXES),) + _ACTIVATIONS_REPLICATED
 
@@ -206,7 +213,7 @@ def _mesh_axes(value, name: str) -> tuple[str, ...]:
 def rules_for(preset_or_rules) -> Rules:
   """Returns validated rules from a preset name or a sequence of (logical, mesh) pairs.
 
-  Presets: "data_parallel", "fsdp", "tensor" (see PRESETS). Pairs may come from a config
+  Presets: "data_parallel", "fsdp", "tensor", "fsdp_frames" (see PRESETS). Pairs may come from a config
   as lists; they are normalised to tuples. The first rule for a logical name wins.
   """
   if isinstance(preset_or_rules, str):
@@ -224,13 +231,16 @@ def rules_for(preset_or_rules) -> Rules:
   return tuple(rules)
 
 
-def logical_to_mesh_spec(logical_names: Sequence[str | None], rules) -> P:
+def logical_to_mesh_spec(logical_names, rules) -> P:
   """Maps logical dim names to a PartitionSpec of mesh axes.
 
   A mesh axis may shard only one dim of an array: if a later dim maps to an axis already
   used by an earlier dim, that axis is dropped from the later dim (which is replicated if
   nothing remains). E.g. under "fsdp" rules ("embed", "mlp") -> P("fsdp", None). A logical
-  name with no rule is an error (catches typos), None dims are replicated.
+  name with no rule is an error (catches typos), None dims are replicated. A dim may be
+  named by a tuple of logical names, major first, when it holds several logical dims
+  folded together (a video's frames folded into the batch, ("batch", "frames")): it is
+  split over their mesh axes in that order.
   """
   table = {}
   for name, value in rules_for(rules):
@@ -240,10 +250,12 @@ def logical_to_mesh_spec(logical_names: Sequence[str | None], rules) -> P:
     if name is None:
       spec.append(None)
       continue
-    if name not in table:
-      raise ValueError(f"logical axis {name!r} has no sharding rule; add ({name!r}, None) or "
-                       f"({name!r}, <mesh axis>) to config.mesh.rules.")
-    axes = tuple(a for a in table[name] if a not in used)
+    parts = (name,) if isinstance(name, str) else tuple(name)
+    for part in parts:
+      if part not in table:
+        raise ValueError(f"logical axis {part!r} has no sharding rule; add ({part!r}, None) "
+                         f"or ({part!r}, <mesh axis>) to config.mesh.rules.")
+    axes = tuple(dict.fromkeys(a for part in parts for a in table[part] if a not in used))
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*spec)
@@ -303,6 +315,22 @@ def batch_shards(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dim split over ("data", "fsdp"), other dims replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def input_sharding(mesh: Mesh, key: str, shape: Sequence[int], rules) -> NamedSharding:
+  """The sharding of one input of a batch: split over the data axes on its leading dim; a
+  clip ("video", [B, F, ...]) also over whatever the rules split "frames" over, as the net's
+  activations are (so a chip loads only its frames)."""
+  names = ("batch", "frames") if key == "video" and len(shape) >= 2 else ("batch",)
+  spec = logical_to_mesh_spec(names, rules_for(rules) + _ACTIVATION_DEFAULTS)
+  frames = spec[1] if len(spec) > 1 else None
+  if frames is not None and shape[1] % int(np.prod([mesh.shape[a] for a in (
+      (frames,) if isinstance(frames, str) else frames)])):
+    raise ValueError(f"the clips' {shape[1]} frames do not split over mesh axes {frames} "
+                     f"(sizes {dict(mesh.shape)}) as config.mesh.rules asks; choose a frame "
+                     "count divisible by them or a mesh.ici with a smaller one")
+  rest = [frames] if len(names) > 1 else []
+  return NamedSharding(mesh, P(BATCH_AXES, *rest, *([None] * (len(shape) - 1 - len(rest)))))
 
 
 def shard_batch(mesh: Mesh, tree, num_shards: int):

@@ -175,7 +175,8 @@ def _place(value, sharding):
 
 
 def batch_shardings(setup: Setup, batch: dict):
-  return {k: mesh_lib.batch_sharding(setup.mesh, np.ndim(v)) for k, v in batch.items()}
+  return {k: mesh_lib.input_sharding(setup.mesh, k, np.shape(v), setup.config.mesh.rules)
+          for k, v in batch.items()}
 
 
 def put_batch(setup: Setup, batch: dict) -> dict:

@@ -197,22 +197,29 @@ def restore(setup, workdir, step=None) -> dict:
     ckpt.close()
 
 
-def one_train_step(config, devices):
-  """(params, metrics) on the host after one train step of `config` on a mesh of `devices`,
-  from the loader's first batch (the 8-devices-equal-1 tests)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def compiled_train_step(config, devices):
+  """(setup, compiled train step, the loader's first batch) of `config` on `devices`."""
   from launch import families, trainer  # pylint: disable=g-import-not-at-top
   from launch import setup as setup_lib  # pylint: disable=g-import-not-at-top
   from launch.data import pipeline  # pylint: disable=g-import-not-at-top
   setup = setup_lib.build(config, devices)
-  state = setup.init()
   loader = pipeline.make_loader(setup.source, global_batch_size=config.train.batch_size,
                                 seed=config.seed)
   batch = next(iter(loader))
   compiled, _ = trainer.compile_step(setup, families.device_batch(batch,
                                                                   setup.family.batch_keys))
-  new_state, metrics = compiled(state, setup_lib.put_batch(setup, batch))
-  return host(new_state["params"]), host(metrics)
+  return setup, compiled, batch
+
+
+def one_train_step(config, devices, with_memory=False):
+  """(params, metrics) on the host after one train step of `config` on a mesh of `devices`,
+  from the loader's first batch (the 8-devices-equal-1 tests); with_memory adds the
+  compiled step's temporary bytes per device (XLA's memory analysis)."""
+  from launch import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  setup, compiled, batch = compiled_train_step(config, devices)
+  new_state, metrics = compiled(setup.init(), setup_lib.put_batch(setup, batch))
+  out = host(new_state["params"]), host(metrics)
+  return out + (compiled.memory_analysis().temp_size_in_bytes,) if with_memory else out
 
 
 def host(tree):

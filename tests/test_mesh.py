@@ -82,6 +82,12 @@ EXPECTED = {
     "tensor": {("conv_in", "conv_out"): P(None, "tensor"),
                ("embed", "mlp"): P("fsdp", "tensor"),
                ("batch", None, None, None): P(("data", "fsdp"), None, None, None)},
+    # Weights as "fsdp"; a clip's frames over "tensor", also where they are folded into
+    # the batch (a tuple name: the dim's mesh axes are its parts' axes, major first).
+    "fsdp_frames": {("conv_in", "conv_out"): P(None, "fsdp"),
+                    ("embed", "mlp"): P("fsdp", None),
+                    ("batch", "frames", None): P(("data", "fsdp"), "tensor", None),
+                    (("batch", "frames"), None): P(("data", "fsdp", "tensor"), None)},
 }
 
 
@@ -102,6 +108,8 @@ def test_rules_from_config_pairs_and_errors():
   assert M.logical_to_mesh_spec(("batch", "embed"), rules) == P(("data", "fsdp"), "tensor")
   with pytest.raises(ValueError, match="no sharding rule"):
     M.logical_to_mesh_spec(("embd",), "fsdp")
+  with pytest.raises(ValueError, match="'frams' has no sharding rule"):
+    M.logical_to_mesh_spec((("batch", "frams"),), "fsdp")
   with pytest.raises(ValueError, match="mesh axis 'model'"):
     M.rules_for([("mlp", "model")])
   with pytest.raises(ValueError, match="unknown sharding preset"):

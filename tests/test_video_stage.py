@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from imagen import video_experiment
-from launch import cascade, config_flags, trainer
+from launch import cascade, config_flags, mesh as mesh_lib, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from tests import runtime_helpers as h
@@ -82,14 +83,41 @@ def test_joint_image_examples_are_frames_of_their_own_clip():
   assert np.all(np.asarray(all_images))
 
 
-def test_video_train_step_on_8_devices_equals_1_device(text_cache):
+@pytest.fixture(scope="module")
+def one_device_step(text_cache):
+  return h.one_train_step(_config("mesh.ici=(1, 1, 1)", text_cache), jax.devices()[:1])
+
+
+def test_video_train_step_on_8_devices_equals_1_device(text_cache, one_device_step):
   """One train step of the video stage (text from the cache, joint image examples, the frame
   axis unsharded) gives the same loss and parameters on a 2x4 fsdp mesh as on one device."""
-  one = h.one_train_step(_config("mesh.ici=(1, 1, 1)", text_cache), jax.devices()[:1])
+  one = one_device_step
   eight = h.one_train_step(_config("mesh.ici=(2, 4, 1)", "mesh.rules=fsdp", text_cache),
                            jax.devices())
   np.testing.assert_allclose(eight[1]["loss"], one[1]["loss"], rtol=1e-5)
   h.assert_trees_equal(eight[0], one[0], rtol=2e-4, atol=2e-6)
+
+
+def test_frames_split_over_chips_give_the_same_step_in_less_memory(text_cache,
+                                                                    one_device_step):
+  """Context parallelism (mesh rules "fsdp_frames"): on a 2 (fsdp) x 4 (tensor) mesh each
+  chip holds 1 of the 4 frames of its clips, the input clips too. The step equals the
+  one-device step, and its temporaries per chip are well under those of the same mesh
+  with the frames whole on every chip of a tensor group (rules "fsdp"): with the frame axis
+  gathered anywhere in the net, they would not be."""
+  split = h.one_train_step(_config("mesh.ici=(1, 2, 4)", "mesh.rules=fsdp_frames",
+                                   text_cache), jax.devices(), with_memory=True)
+  whole = h.compiled_train_step(_config("mesh.ici=(1, 2, 4)", "mesh.rules=fsdp", text_cache),
+                                jax.devices())[1].memory_analysis().temp_size_in_bytes
+  np.testing.assert_allclose(split[1]["loss"], one_device_step[1]["loss"], rtol=1e-5)
+  h.assert_trees_equal(split[0], one_device_step[0], rtol=2e-4, atol=2e-6)
+  assert split[2] < 0.5 * whole, (split[2], whole)
+  mesh = mesh_lib.make_mesh((1, 2, 4))
+  video = lambda rules: mesh_lib.input_sharding(mesh, "video", (8, 4, 12, 12, 1), rules).spec
+  assert video("fsdp_frames") == P(("data", "fsdp"), "tensor", None, None, None)
+  assert video("fsdp") == P(("data", "fsdp"), None, None, None, None)
+  with pytest.raises(ValueError, match="frames do not split"):
+    mesh_lib.input_sharding(mesh, "video", (8, 6, 12, 12, 1), "fsdp_frames")
 
 
 @pytest.fixture(scope="module")

@@ -401,3 +401,52 @@ def test_bad_inputs_raise_clear_errors(abstract):
     make(head_dim=3)
   with pytest.raises(ValueError, match="unknown video U-Net preset"):
     video_unet_config("ho_16x128x128")
+
+
+# --- the arrow of time ------------------------------------------------------------------------
+
+
+def mirrored(net):
+  """`net` with every temporal layer made blind to the direction of time: the relative bias
+  B[h, r] set to B[h, -r] (T5's bidirectional buckets: bucket(r) = half * [r > 0] + g(|r|),
+  so the upper half of the table copies the lower) and the temporal conv's tap on the
+  next frame set to its tap on the previous one."""
+  graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+
+  def mirror(path, v):
+    a = np.array(v.get_value())
+    if path[-1] == "rel_bias":
+      half = a.shape[-2] // 2
+      a[..., half:, :] = a[..., :half, :]
+    elif path[-2:] == ("temporal", "kernel"):
+      a[..., 2, :, :] = a[..., 0, :, :]
+    return v.replace(jnp.asarray(a))
+
+  flat = [(p, mirror(p, v)) for p, v in nnx.to_flat_state(params)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def test_mirror_symmetric_temporal_layers_cannot_tell_forwards_from_backwards():
+  """Played backwards, a clip gives the backwards output exactly when the temporal layers are
+  mirror-symmetric: a zero-initialised bias starts the net there, where a caption's "left"
+  and "right" give the same distribution of motion signs. The random init
+  (rel_bias_init_std) starts it off that point."""
+  z, logsnr, cond = inputs()
+  cond = {**cond, "is_image": jnp.zeros((B, F), bool)}
+  backwards = lambda a: np.asarray(a)[:, ::-1]
+  net = random_params(nnx.eval_shape(make))
+  assert differ(apply(net, backwards(z), logsnr, cond), backwards(apply(net, z, logsnr, cond)))
+  sym = mirrored(net)
+  np.testing.assert_allclose(apply(sym, backwards(z), logsnr, cond),
+                             backwards(apply(sym, z, logsnr, cond)), rtol=0, atol=1e-4)
+
+  def init_bias(std):
+    layer = jax.jit(lambda: nnx.state(vu.TemporalAttention(
+        8, num_heads=2, num_buckets=64, max_distance=128, bias_init_std=std,
+        rngs=nnx.Rngs(key(5)))))()
+    return np.asarray(layer["rel_bias"].get_value())
+
+  np.testing.assert_array_equal(init_bias(0.0), 0.0)
+  bias = init_bias(1.0)
+  assert np.abs(bias[33:40] - bias[1:8]).min() > 1e-3   # B[h, r] != B[h, -r], r = 1..7
+  assert 0.7 < bias.std() < 1.3

@@ -31,6 +31,7 @@ IMAGE = ("batch", "height", "width", "channels")    # NHWC activations
 VIDEO = ("batch", "frames", "height", "width", "channels")
 TOKENS = ("batch", "length", "channels")             # text tokens, attention sequences
 VECTOR = ("batch", "channels")                      # per-example embeddings
+FOLDED = ("batch", "frames")   # one dim holding a video's frames folded into its batch
 
 _HOOK: contextvars.ContextVar[Hook | None] = contextvars.ContextVar("activation_sharding",
                                                                    default=None)
@@ -61,3 +62,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     raise ValueError(f"activation of shape {tuple(x.shape)} given {len(names)} logical names "
                      f"{names}: give one name (or None) per dim")
   return hook(x, names)
+
+
+def folding_frames(hook: Hook | None) -> Hook | None:
+  """The hook for layers that see a video's frames folded into the batch ([B * F, ...],
+  frame-minor): their "batch" dim is split as the batch and the frames both are (FOLDED),
+  so a rule that splits the frames (launch/mesh.py "fsdp_frames") keeps them split through
+  the per-frame layers instead of gathering every frame to every chip. Names that already
+  hold "frames" (the unfolded [B, F, ...] views) pass through unchanged."""
+  if hook is None:
+    return None
+
+  def folded(x, names):
+    if "frames" not in names:
+      names = tuple(FOLDED if n == "batch" else n for n in names)
+    return hook(x, names)
+
+  return folded
