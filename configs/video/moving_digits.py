@@ -21,8 +21,7 @@ def get_config(arg=None):
   c.model.unet_overrides.update(dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=(1, 1, 1),
                                      attn_resolutions=(4,), cross_attn_resolutions=(8, 4),
                                      temporal_attn_resolutions=(8, 4),
-                                     temporal_conv_resolutions=(16,), num_heads=4,
-                                     rel_bias_init_std=1.0))
+                                     temporal_conv_resolutions=(16,), num_heads=4))
   c.model.joint_image_fraction = 0.25
   # The 10-minute recipe (README): self-conditioning and lr 4e-3 for 1100 steps beat the
   # plain model at lr 1e-3 for 1500 steps (alignment 0.62 vs 0.21 at w = 1).
