@@ -197,6 +197,14 @@ def test_direction_accuracy(digits, clf):
   path = np.array([[4, c] for c in (0, 1, 2, 3, 4, 3, 2)])
   back_and_forth = make_video(images[0], path)[None]
   assert video.direction_accuracy(back_and_forth, ["the digit 1 bouncing"]) == 1.0
+  # Faint speckle (level 1 on every background pixel) outweighs the digit's mass and would
+  # pull the centre of mass to the canvas centre: the plain track moves under MIN_SPEED
+  # pixels per frame (STATIC), the digit's track (levels under 2 are background) does not.
+  speckled = np.maximum(videos, 1)
+  assert video.motion_directions(video.centres_of_mass(speckled[:1]))[0] == video.STATIC
+  np.testing.assert_array_equal(
+      video.motion_directions(video.digit_tracks(speckled)), codes)
+  assert video.direction_accuracy(speckled, captions) == 1.0
   still = make_video(images[0], np.full((FRAMES, 2), 4))[None]
   assert video.motion_directions(video.centres_of_mass(still))[0] == video.STATIC
   assert video.direction_accuracy(np.repeat(still, 5, 0), list(range(5))) == 0.0
