@@ -111,7 +111,8 @@ class SpaceTimeBlock(nnx.Module):
   """A spatial Efficient ResBlock (per frame) followed by the level's temporal layer."""
 
   def __init__(self, in_ch: int, out_ch: int, emb_ch: int, *, temporal: str | None,
-               num_heads: int, num_buckets: int, max_distance: int, rel_bias_init_std: float,
+               num_heads: int, num_buckets: int, max_distance: int,
+               rel_bias_init_std: float = 0.0,
                dropout: float, dtype, rngs: nnx.Rngs):
     self.res = EfficientResBlock(in_ch, out_ch, emb_ch, dropout=dropout, adaptive_norm=True,
                                  dtype=dtype, rngs=rngs)
