@@ -213,8 +213,9 @@ def _mesh_axes(value, name: str) -> tuple[str, ...]:
 def rules_for(preset_or_rules) -> Rules:
   """Returns validated rules from a preset name or a sequence of (logical, mesh) pairs.
 
-  Presets: "data_parallel", "fsdp", "tensor", "fsdp_frames" (see PRESETS). Pairs may come from a config
-  as lists; they are normalised to tuples. The first rule for a logical name wins.
+  Presets: "data_parallel", "fsdp", "tensor", "fsdp_frames" (see PRESETS). Pairs may come
+  from a config as lists; they are normalised to tuples. The first rule for a logical name
+  wins.
   """
   if isinstance(preset_or_rules, str):
     if preset_or_rules not in PRESETS:
