@@ -269,6 +269,10 @@ def advice(config) -> str:
   elif rules == "fsdp":
     steps.append("split wide layers across chips too: --config.mesh.rules=tensor with "
                  "--config.mesh.ici='(1, -1, T)' (T = 2, 4, ... dividing the chips per slice)")
+    if config.get("family") == "video":
+      steps.append("split each clip's frames over T chips: --config.mesh.rules=fsdp_frames "
+                   "--config.mesh.ici='(1, -1, T)', with train.grad_accum T times larger "
+                   "(the batch then splits T times fewer ways)")
   steps.append("recompute activations: --config.model.<net>.remat=block (or dots)")
   steps.append("halve the activation memory per step: --config.train.grad_accum=2 (same "
                "global batch) or a smaller --config.train.batch_size")
