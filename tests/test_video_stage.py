@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from imagen import video_experiment
-from launch import cascade, config_flags, mesh as mesh_lib, trainer
+from launch import cascade, config_flags, families, mesh as mesh_lib, trainer
 from launch import setup as setup_lib
 from launch import workdir as workdir_lib
 from tests import runtime_helpers as h
@@ -185,3 +185,13 @@ def test_video_samples_are_written_as_gif_mp4_and_a_filmstrip(tmp_path):
     assert sum(1 for _ in container.decode(video=0)) == 3
   strip = np.asarray(Image.open(path))
   assert strip.shape == ((2 * 5 + 1) * scale, (3 * 5 + 1) * scale)   # 2 rows of 3 frames
+
+
+def test_clips_go_to_the_devices_as_uint8():
+  clips = np.array([[[0, 16, 255]]], np.int32)
+  out = families.device_batch({"video": clips, "label": np.array([3]), "caption": ["a"]},
+                              ("video", "label"))
+  assert set(out) == {"video", "label"} and out["video"].dtype == np.uint8
+  np.testing.assert_array_equal(out["video"], clips)
+  with pytest.raises(ValueError, match="outside uint8"):
+    families.device_batch({"video": clips + 1}, ("video",))
