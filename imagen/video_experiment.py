@@ -119,6 +119,9 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
   kwargs = dict(video_unet_config(cfg.unet_preset))
   kwargs.update(dict(cfg.unet_overrides))
   crop = tuple(cfg.get("crop_size", ()) or ())
+  if crop and cfg.get("coord_cond", False):
+    raise ValueError(f"model.coord_cond with model.crop_size={crop}: a crop-trained stage "
+                     "would learn crop coordinates and sample whole frames; drop one")
   if crop and not sr["lowres_size"]:
     raise ValueError(f"model.crop_size={crop}: only spatial super-resolution stages (with "
                      "model.lowres_size) train on crops; set crop_size=() for this stage")
@@ -126,6 +129,7 @@ def build_model(cfg, num_levels: int, data_shape, rngs: nnx.Rngs,
   kwargs.update(channels=shape[-1], image_size=crop[0] if crop else shape[1],
                 text_dim=cfg.text_dim,
                 fps_cond=cfg.fps_cond, frame_index_cond=cfg.get("frame_index_cond", False),
+                coord_cond=cfg.get("coord_cond", False),
                 scan_layers=cfg.scan_layers, remat=cfg.remat,
                 lowres_cond=bool(sr["lowres_size"] or sr["lowres_frames"]),
                 out_channels=shape[-1] * (2 if cfg.parameterization == "both" else 1),

@@ -72,6 +72,10 @@ labels, guidance weight. One embedding per example, shared by its frames. New he
     digit "moving left" starts right of where it ends). On the moving digits (README
     "Video") the samples move along the captioned axis with or without it, and its gain on
     the sign (direction 0.57 -> 0.62, one run each) is inside the noise: off by default.
+  * coord_cond: each pixel's (row, col) as two more input channels (CoordConv). A conv net
+    knows where a pixel sits only from the zero padding, yet near pure noise the mean clip
+    of "moving left" has its digit on the right in the first frame (README "Video").
+    Crops of a crop-trained stage would see crop coordinates: for whole-frame stages.
 
 Sharding. z and the activations have logical axes VIDEO_AXES = ("batch", "frames",
 "height", "width", "channels"). Layers see the frames folded into the batch, so a mesh
@@ -105,6 +109,15 @@ from vdm.nets import layers, sharding, stack
 
 NAME = "VideoUNet"
 VIDEO_AXES = sharding.VIDEO  # ("batch", "frames", "height", "width", "channels")
+
+
+def coordinate_channels(shape, dtype) -> jax.Array:
+  """[..., H, W, 2]: each pixel's row and column, linearly from -1 to 1 (CoordConv, Liu et
+  al. 2018), broadcast over the leading dims of `shape` = (..., H, W)."""
+  rows = jnp.linspace(-1.0, 1.0, shape[-2], dtype=dtype)
+  cols = jnp.linspace(-1.0, 1.0, shape[-1], dtype=dtype)
+  grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
+  return jnp.broadcast_to(grid, tuple(shape) + (2,))
 
 
 class SpaceTimeBlock(nnx.Module):
@@ -196,6 +209,7 @@ class VideoUNet(EfficientUNet):
     num_buckets, max_distance: T5 relative-position buckets of the temporal attention.
     fps_cond: require cond["fps"] (float [B]) and add its embedding.
     frame_index_cond: add an embedding of each video frame's index to its embedding.
+    coord_cond: give the net each pixel's (row, col) in [-1, 1] as two input channels.
     shard_activations: optional hook fn(x, VIDEO_AXES) -> x for the [B, F, H, W, C]
       activations, used instead of `vdm.nets.sharding`'s active hook (module docstring).
   cond keys: text_emb/text_mask (if text_dim), lowres/aug_logsnr (if lowres_cond), label,
@@ -212,7 +226,8 @@ class VideoUNet(EfficientUNet):
                rel_bias_init_std: float = 0.0,
                text_dim: int | None = None, lowres_cond: bool = False,
                num_classes: int | None = None, fps_cond: bool = False,
-               frame_index_cond: bool = False, dropout: float = 0.0,
+               frame_index_cond: bool = False, coord_cond: bool = False,
+               dropout: float = 0.0,
                emb_ch: int | None = None, out_channels: int | None = None,
                guidance_embedding: bool = False, scan_layers: bool = True,
                remat: str = "none", dtype=jnp.float32, in_channels: int | None = None,
@@ -286,7 +301,8 @@ class VideoUNet(EfficientUNet):
                   dropout=dropout, scan_layers=scan_layers, remat=stack.check_remat(remat),
                   dtype=dtype, rngs=rngs)
 
-    in_ch = self.in_channels + (channels if lowres_cond else 0)
+    self.coord_cond = coord_cond
+    in_ch = self.in_channels + (channels if lowres_cond else 0) + (2 if coord_cond else 0)
     self.conv_in = layers.conv(in_ch, ch, dtype=dtype, rngs=rngs)
     down, cur = [], ch
     for i in range(levels):
@@ -354,6 +370,8 @@ class VideoUNet(EfficientUNet):
     cond = layers.check_cond_keys(cond, self.cond_keys, NAME)
     links = frame_links(cond.get("is_image"), b, f)
     h = self._input(z, cond)
+    if self.coord_cond:
+      h = jnp.concatenate([h, coordinate_channels(h.shape[:-1], h.dtype)], axis=-1)
     text = self.text_tokens(cond, b) if self.text_dim is not None else None
     emb = self.embedding(logsnr, cond, text)
     # Fold the frames into the batch (frame-minor): one embedding and text per example.

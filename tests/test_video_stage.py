@@ -195,3 +195,9 @@ def test_clips_go_to_the_devices_as_uint8():
   np.testing.assert_array_equal(out["video"], clips)
   with pytest.raises(ValueError, match="outside uint8"):
     families.device_batch({"video": clips + 1}, ("video",))
+
+
+def test_coordinates_and_training_crops_do_not_mix():
+  cfg = _config("model.coord_cond=True", "model.crop_size=(8, 8)").model
+  with pytest.raises(ValueError, match="coord_cond with model.crop_size"):
+    video_experiment.build_model(cfg, 17, (4, 12, 12, 1), nnx.Rngs(0))

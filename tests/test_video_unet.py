@@ -450,3 +450,23 @@ def test_mirror_symmetric_temporal_layers_cannot_tell_forwards_from_backwards():
   bias = init_bias(1.0)
   assert np.abs(bias[33:40] - bias[1:8]).min() > 1e-3   # B[h, r] != B[h, -r], r = 1..7
   assert 0.7 < bias.std() < 1.3
+
+
+def test_coordinate_channels_are_the_pixel_grid_given_as_two_more_inputs():
+  """coord_cond: the net is the plain net whose input has two more channels, holding each
+  pixel's row and column from -1 to 1 (CoordConv)."""
+  grid = np.asarray(vu.coordinate_channels((2, 3, 5, 4), jnp.float32))
+  assert grid.shape == (2, 3, 5, 4, 2)
+  np.testing.assert_allclose(grid[1, 2, :, 0, 0], np.linspace(-1, 1, 5), atol=1e-6)
+  np.testing.assert_allclose(grid[0, 1, 3, :, 1], np.linspace(-1, 1, 4), atol=1e-6)
+  np.testing.assert_array_equal(grid[..., 0], np.broadcast_to(grid[:1, :1, :, :1, 0],
+                                                              grid.shape[:-1]))
+  z, logsnr, cond = inputs()
+  coords = random_params(nnx.eval_shape(lambda: make(coord_cond=True)))
+  plain = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: make(in_channels=C + 2))),
+                    nnx.state(coords))
+  rows, cols = np.meshgrid(np.linspace(-1, 1, H), np.linspace(-1, 1, H), indexing="ij")
+  extra = np.broadcast_to(np.stack([rows, cols], -1), (B, F, H, H, 2)).astype(np.float32)
+  np.testing.assert_allclose(apply(coords, z, logsnr, cond),
+                             apply(plain, jnp.concatenate([z, extra], -1), logsnr, cond),
+                             rtol=1e-5, atol=1e-5)

@@ -33,6 +33,7 @@ def stage_config(*, num_frames: int, resolution, unet_preset: str, text_dim: int
       fps_cond=False,                 # condition on the frame rate (cond["fps"] = fps)
       fps=0.0,                        # the clips' frame rate, when fps_cond
       frame_index_cond=False,         # embed each frame's index in its clip (imagen/video_unet)
+      coord_cond=False,               # pixel (row, col) as two input channels (CoordConv)
       joint_image_fraction=0.0,       # Ho et al. sec. 3.2: share of examples made images
       # (H, W) of random training crops, the same window in every frame (SR stages without
       # spatial attention; Imagen Video's ssr3); sampling is on whole frames. (): no crops.
