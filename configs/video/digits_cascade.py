@@ -47,7 +47,7 @@ def _sr_stage(*, num_frames: int, resolution: int, lowres_size: int = 0,
   # TSR: 1600 steps (800 left its in-between frames jittering across the motion: axis
   # accuracy 0.57 against 0.91 at 1600, README); SSR: 1600 steps at batch 8 (800 left a
   # speckled background: FD 6.5 against 4.8).
-  batch, steps = (8, 1600) if lowres_size else (16, 1600)
+  batch, steps = (8 if lowres_size else 16), 1600
   c.train.update(dict(batch_size=batch, num_steps=steps, log_every=50, eval_every=0,
                       sample_every=steps // 2, checkpoint_every=steps // 4))
   c.eval.update(dict(num_samples=16, sample_steps=32, guidance_w=0.0))
