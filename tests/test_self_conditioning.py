@@ -29,14 +29,15 @@ from vdm import losses, process, schedules, self_conditioning
 VDM_CONFIG = "configs/vdm/digits.py:runlocal"
 SR_CONFIG = "configs/imagen/digits_sr.py:runlocal"
 VIDEO_CONFIG = "configs/video/moving_digits.py:runlocal"
-# A one-level video net over 4 frames of 6x6 (cheap to compile).
+# A one-level video net over 4 frames of 6x6 (cheap to compile), without the CoordConv
+# channels, so conv_in reads [z] or [z, x_self].
 VIDEO_TINY = ("data.name=moving_digits:4x12x12", "model.num_frames=4", "model.resolution=6",
               "model.unet_overrides.ch_mult=(1,)", "model.unet_overrides.num_res_blocks=(1,)",
               "model.unet_overrides.attn_resolutions=()",
               "model.unet_overrides.cross_attn_resolutions=(6,)",
               "model.unet_overrides.temporal_attn_resolutions=(6,)",
               "model.unet_overrides.temporal_conv_resolutions=()",
-              "model.joint_image_fraction=0.0", "model.p_uncond=0.0")
+              "model.joint_image_fraction=0.0", "model.p_uncond=0.0", "model.coord_cond=False")
 # Fixed schedule, constant lr, no evaluation or sampling: the step alone.
 STEP = ("model.schedule.name=linear", "optim.decay=constant", "optim.warmup_steps=0",
         "train.eval_every=0", "train.sample_every=0", "mesh.ici=(1, 1, 1)")

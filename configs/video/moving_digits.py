@@ -7,8 +7,9 @@ r"""Text-to-video on the embedded moving digits: 8 frames of 16x16 from a captio
 
 A Video U-Net (temporal attention at 8x8 and 4x4, temporal convolutions at 16x16) on
 "the digit 3 moving left"-style captions encoded by the OFFLINE DEFAULT tiny T5 (cached in
-WORKDIR/text_cache), trained jointly on videos and independent frames (Ho et al. sec. 3.2),
-self-conditioned (Chen et al. 2022): about 10 minutes on 2 CPU cores.
+WORKDIR/text_cache), self-conditioned (Chen et al. 2022), told each frame's index and each
+pixel's place, and trained with a logsnr schedule shifted towards noise at its noise end,
+where the motion is decided: about 10 minutes on 2 CPU cores (README "Video").
 """
 
 from configs.video.common import stage_config
@@ -22,10 +23,19 @@ def get_config(arg=None):
                                      attn_resolutions=(4,), cross_attn_resolutions=(8, 4),
                                      temporal_attn_resolutions=(8, 4),
                                      temporal_conv_resolutions=(16,), num_heads=4))
-  c.model.joint_image_fraction = 0.25
   # The 10-minute recipe (README): self-conditioning and lr 4e-3 for 1100 steps beat the
   # plain model at lr 1e-3 for 1500 steps (alignment 0.62 vs 0.21 at w = 1).
   c.model.self_condition = True
+  # The motion's sign is settled near pure noise, where x-hat must be the caption's mean
+  # clip: the net needs each frame's index and each pixel's place to draw it, and training
+  # time there. The cosine schedule is shifted by 0 at the data end and 2 log(16/64) = -2.8
+  # at the noise end (simple diffusion's interpolated shift), which gives logsnr < -3 to a
+  # third of the training times instead of 14%: direction accuracy 0.96 against 0.60 unshifted.
+  # Independent frames (Ho et al. sec. 3.2) at 25% kept the net from learning that mean
+  # (README); 10% are kept, as images of the digit without motion.
+  c.model.update(dict(frame_index_cond=True, coord_cond=True, joint_image_fraction=0.1))
+  c.model.schedule.update(dict(name="interpolated_cosine", resolution=64,
+                               resolution_at_data=16, base=16))
   c.optim.update(dict(lr=4e-3, warmup_steps=50, decay="cosine", ema_decay=0.995,
                       weight_decay=0.0))
   c.train.update(dict(batch_size=32, num_steps=1100, log_every=50, eval_every=0,
