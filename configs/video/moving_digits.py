@@ -9,7 +9,7 @@ A Video U-Net (temporal attention at 8x8 and 4x4, temporal convolutions at 16x16
 "the digit 3 moving left"-style captions encoded by the OFFLINE DEFAULT tiny T5 (cached in
 WORKDIR/text_cache), self-conditioned (Chen et al. 2022), told each frame's index and each
 pixel's place, and trained with a logsnr schedule shifted towards noise at its noise end,
-where the motion is decided: about 10 minutes on 2 CPU cores (README "Video").
+where the motion is decided: about 11 minutes on 2 CPU cores (README "Video").
 """
 
 from configs.video.common import stage_config
